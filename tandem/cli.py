@@ -1,0 +1,114 @@
+"""The ``tandem`` command.
+
+Subcommands:
+  make-tiny-model DIR   write the small bundled test model (random weights, local tokenizer)
+  generate PROMPT ...   offline generation with the engine (default: the bundled model, CPU)
+
+Errors in arguments exit with status 2 and a message naming the flag; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="Hugging Face model folder (default: the bundled tiny model)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling (default: 0)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    p.add_argument("--kv-blocks", type=int, default=None, help="device KV blocks (default: from memory)")
+    p.add_argument("--host-kv-blocks", type=int, default=0, help="host-tier KV blocks for swap (default: 0)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="max requests per iteration")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per iteration")
+    p.add_argument("--no-chunked-prefill", action="store_true", help="prefill whole prompts only")
+    p.add_argument("--policy", default="fcfs", help="scheduling policy (default: fcfs)")
+    p.add_argument("--max-model-len", type=int, default=None, help="max prompt + output tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="Tandem LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny-model", help="write the small bundled test model")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--arch", default="llama", help="llama | mistral | qwen2 | qwen3 (default: llama)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+
+    p = sub.add_parser("generate", help="offline generation (no server)")
+    p.add_argument("prompts", nargs="+", help="prompt strings; all run together in one batch")
+    _add_engine_args(p)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    return parser
+
+
+def _make_tiny_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from tandem.tinymodel import ARCHS, make_tiny_model
+
+    if args.arch not in ARCHS:
+        parser.error(f"--arch must be one of {', '.join(ARCHS)}; got {args.arch!r}")
+    path = make_tiny_model(args.dir, arch=args.arch, seed=args.seed)
+    print(f"wrote {args.arch} tiny model (seed {args.seed}) to {path}")
+    return 0
+
+
+def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from tandem.request import SamplingParams
+
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            ignore_eos=args.ignore_eos,
+        )
+    except ValueError as e:
+        parser.error(f"sampling flags: {e}")
+    from tandem.engine.llm import LLM
+
+    try:
+        llm = LLM(
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            seed=args.seed,
+            block_size=args.block_size,
+            kv_blocks=args.kv_blocks,
+            host_kv_blocks=args.host_kv_blocks,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_chunked_prefill=not args.no_chunked_prefill,
+            policy=args.policy,
+            max_model_len=args.max_model_len,
+        )
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    start = time.perf_counter()
+    outputs = llm.generate(args.prompts, params)
+    elapsed = time.perf_counter() - start
+    n_tokens = sum(len(o.token_ids) for o in outputs)
+    for o in outputs:
+        print(f"--- prompt: {o.prompt!r}\n{o.text}\n[{len(o.token_ids)} tokens, finish_reason={o.finish_reason}]")
+    print(f"generated {n_tokens} tokens for {len(outputs)} prompts in {elapsed:.2f}s ({n_tokens / max(elapsed, 1e-9):.1f} tok/s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"make-tiny-model": _make_tiny_model, "generate": _generate}
+    sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    return handlers[args.command](args, sub_parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

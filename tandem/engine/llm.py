@@ -1,0 +1,129 @@
+"""The offline API: ``LLM(model=DIR).generate(prompts, SamplingParams(...))``.
+
+Prompts are strings (tokenized with the model's tokenizer, special tokens such as BOS
+added as the tokenizer does) or lists of token ids. All prompts are submitted at once so
+they share continuous batches; results come back in input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
+from tandem.engine.llm_engine import LLMEngine
+from tandem.engine.outputs import RequestOutput
+from tandem.request import SamplingParams
+
+Prompt = str | Sequence[int]
+
+# On CPU the KV cache defaults to this many bytes when --kv-blocks is not given.
+DEFAULT_CPU_KV_BYTES = 512 * 2**20
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        *,
+        seed: int = 0,
+        block_size: int = 16,
+        kv_blocks: int | None = None,
+        host_kv_blocks: int = 0,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        enable_chunked_prefill: bool = True,
+        policy: str = "fcfs",
+        preemption_mode: str | None = None,
+        max_model_len: int | None = None,
+    ) -> None:
+        if model is None:
+            from tandem.tinymodel import default_model_dir
+
+            model = default_model_dir()
+        model = str(model)
+        if kv_blocks is None:
+            kv_blocks = _auto_kv_blocks(model, dtype, block_size)
+        self.config = EngineConfig(
+            model=model,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            cache=CacheConfig(block_size=block_size, num_blocks=kv_blocks, num_host_blocks=host_kv_blocks),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                enable_chunked_prefill=enable_chunked_prefill,
+                policy=policy,
+                preemption_mode=preemption_mode or ("swap" if host_kv_blocks > 0 else "recompute"),
+                max_model_len=max_model_len,
+            ),
+        )
+        self.tokenizer = load_tokenizer(model)
+        self.engine = LLMEngine(self.config, tokenizer=self.tokenizer)
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        priorities: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # one prompt
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = (
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        prios = list(priorities) if priorities is not None else [0] * len(prompts)
+        order: dict[str, int] = {}
+        texts: dict[str, str | None] = {}
+        try:
+            for i, (prompt, p, prio) in enumerate(zip(prompts, params, prios, strict=True)):
+                if isinstance(prompt, str):
+                    ids = self.tokenizer(prompt).input_ids
+                    text: str | None = prompt
+                else:
+                    ids, text = list(prompt), None
+                req = self.engine.add_request(ids, p, priority=prio)
+                order[req.request_id] = i
+                texts[req.request_id] = text
+            results: list[RequestOutput | None] = [None] * len(prompts)
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        out.prompt = texts[out.request_id]
+                        results[order[out.request_id]] = out
+        except BaseException:
+            for rid in order:
+                self.engine.abort_request(rid)
+            raise
+        return [r for r in results if r is not None]
+
+
+def _auto_kv_blocks(model: str, dtype: str, block_size: int) -> int:
+    from tandem.config import ModelConfig
+
+    cfg = ModelConfig.from_pretrained(model)
+    elem = 4 if dtype == "float32" else 2
+    per_block = cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    return max(16, DEFAULT_CPU_KV_BYTES // per_block)

@@ -1,0 +1,156 @@
+"""LLMEngine: one scheduler, one model runner, one output processor.
+
+A request's life inside one engine:
+
+1. ``add_request`` validates the token ids and limits and queues a ``Request`` (WAITING).
+2. ``step`` asks the scheduler for a batch (decodes first, then prefill chunks under the
+   token budget; preempting by swap or recompute when blocks run out), the runner
+   executes it, ``update_from_output`` advances progress and applies token-level stops,
+   and the output processor detokenizes and applies stop strings.
+3. A finished or aborted request's blocks are freed in every tier before the next step.
+
+``export_request``/``import_request`` move a running request, with its KV blocks and its
+full state, to another engine; this is the primitive that KV handoff (prefill → decode),
+offload and migration are built on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from tandem.config import EngineConfig, ModelConfig, kv_compat_hash
+from tandem.engine.output_processor import OutputProcessor
+from tandem.engine.outputs import RequestOutput
+from tandem.request import Request, RequestStatus, SamplingParams
+from tandem.runner.model_runner import ModelRunner
+from tandem.sched.scheduler import Scheduler
+
+
+@dataclass
+class ExportedRequest:
+    """A running request, detached from its engine, with its K/V bytes.
+
+    ``payload`` is [layers, 2, n_blocks, block_size, Hkv, D] holding K/V for the first
+    ``num_computed_tokens`` tokens of ``request.all_token_ids``.
+    """
+
+    request: Request
+    num_computed_tokens: int
+    compat_hash: str
+    payload: torch.Tensor
+
+
+class KVCompatibilityError(ValueError):
+    pass
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Any | None = None) -> None:
+        self.model_config = ModelConfig.from_pretrained(config.model)
+        max_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
+        if max_len > self.model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {max_len} exceeds the model's max_position_embeddings "
+                f"{self.model_config.max_position_embeddings}"
+            )
+        self.config = replace(config, scheduler=replace(config.scheduler, max_model_len=max_len))
+        self.scheduler = Scheduler(self.config.scheduler, self.config.cache)
+        self.runner = ModelRunner(self.config, self.model_config)
+        self.tokenizer = tokenizer
+        self.outputs = OutputProcessor(tokenizer, self.scheduler.finish)
+        self.compat_hash = kv_compat_hash(self.model_config, self.config.dtype, self.config.cache.block_size)
+        self._ids = itertools.count()
+        self.num_iterations = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> Request:
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        req = Request(
+            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
+            prompt_token_ids=list(prompt_token_ids),
+            sampling_params=params,
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            priority=priority,
+            eos_token_ids=self.model_config.eos_token_ids,
+        )
+        self.scheduler.add_request(req)
+        self.outputs.add(req)
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.scheduler.abort(request_id)
+        return self.outputs.abort(req) if req is not None else None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[RequestOutput]:
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            if self.scheduler.num_unfinished and not self.scheduler.running:
+                raise RuntimeError("scheduler made no progress with requests pending (a bug)")
+            return []
+        runner_out = self.runner.execute(sched_out)
+        self.num_iterations += 1
+        events = self.scheduler.update_from_output(sched_out, runner_out)
+        return self.outputs.process(events)
+
+    # ------------------------------------------------------------------ export / import
+    def export_request(self, request_id: str) -> ExportedRequest:
+        """Detach a running request with its K/V; its blocks here are freed.
+
+        Only between steps: the request must be RUNNING (holding device blocks).
+        """
+        req = self.scheduler.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.RUNNING:
+            state = "unknown" if req is None else req.status.value
+            raise ValueError(f"can only export a running request; {request_id!r} is {state}")
+        n = req.num_computed_tokens
+        self.scheduler.detach(request_id)
+        kv = self.scheduler.device_kv
+        export = kv.export(request_id, n)
+        try:
+            payload = self.runner.gather_blocks(list(export.block_ids))
+        except BaseException:
+            kv.restore_export(export)
+            self.scheduler.add_running(req)
+            raise
+        kv.release_export(export)
+        self.outputs.forget(request_id)
+        return ExportedRequest(req, n, self.compat_hash, payload)
+
+    def import_request(self, exported: ExportedRequest) -> Request:
+        """Adopt an exported request; it continues exactly where it stopped."""
+        if exported.compat_hash != self.compat_hash:
+            raise KVCompatibilityError(
+                f"KV layout mismatch: sender {exported.compat_hash}, receiver {self.compat_hash} "
+                "(model, dtype, block size, KV heads, head dim or layers differ)"
+            )
+        req = exported.request
+        kv = self.scheduler.device_kv
+        block_ids = kv.reserve_import(req.request_id, exported.num_computed_tokens)
+        try:
+            self.runner.scatter_blocks(block_ids, exported.payload)
+        except BaseException:
+            kv.abort_import(req.request_id)
+            raise
+        kv.commit_import(req.request_id)
+        req.num_computed_tokens = exported.num_computed_tokens
+        self.scheduler.add_running(req)
+        self.outputs.add(req, context_token_ids=req.all_token_ids)
+        return req

@@ -1,0 +1,361 @@
+"""Block tables of one memory tier, and the export/import primitive (pure Python).
+
+A ``KVCacheManager`` owns one ``BlockPool`` (the device's or the host's blocks) and maps
+each request id to its block table: the ordered block ids that hold its K/V, token ``t``
+in block ``table[t // block_size]`` at slot ``t % block_size``.
+
+Every used block has one reference per owner, and there are exactly three kinds of owner:
+
+    table    a live request's block table (``allocate``, ``fork``, ``commit_import``)
+    export   blocks detached from a table while their bytes are copied out
+    import   blocks reserved for bytes being copied in, not yet a table
+
+Handoff (prefill -> decode), offload (device -> host) and migration (decode -> decode) are
+all the same two-sided move, written here once::
+
+    source tier                              destination tier
+    exp = src.export(rid, n)                 dst.reserve_import(rid, n) -> ids to write
+              ... bytes of exp.block_ids are copied into the reserved ids ...
+    done:     src.release_export(exp)        dst.commit_import(rid)     -> rid's table
+    aborted:  src.restore_export(exp)        dst.abort_import(rid)
+
+The order of the two sides does not matter to the bookkeeping; the transfer layer
+(``kvtransfer/``) drives it. While an export or import is open its blocks stay owned by
+it, so a copy in flight never reads or writes a block that was handed to someone else:
+``free(rid)`` touches only the table, never an export or a pending import.
+
+Extension point: staged (live) migration will export a prefix of a table while the request
+keeps decoding into its tail. That is a new method that moves ``table[:k]`` into an export
+and leaves the rest; ``KVExport`` and ``release_export`` / ``restore_export`` already work
+on any tuple of ids, and restore would then prepend instead of replace.
+
+Not yet here: copy-on-write of a shared last block after ``fork`` (the caller must not
+write into a block whose refcount is above 1) and a prefix cache.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from tandem.kvcache.block_pool import BlockPool, KVStateError, NoFreeBlocksError
+
+
+@dataclass(frozen=True)
+class KVExport:
+    """A request's blocks detached from its table, owned by the export until released or
+    restored. Compared by value: a rebuilt copy of an open export refers to it."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_tokens: int  # tokens whose K/V the blocks hold (the last block may be partial)
+
+
+@dataclass(frozen=True)
+class KVAudit:
+    """Who owns which blocks of one tier; ``ok`` iff every used block is owned exactly as counted."""
+
+    num_blocks: int
+    num_free: int
+    num_used: int
+    in_tables: int  # distinct blocks referenced by live request tables
+    in_exports: int  # distinct blocks held by exports not yet released
+    in_imports: int  # distinct blocks reserved for imports not yet committed
+    leaked: tuple[int, ...]  # used blocks that nothing owns (must be empty)
+    refcount_mismatch: tuple[int, ...]  # blocks whose refcount != number of owners (must be empty)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.leaked
+            and not self.refcount_mismatch
+            and self.num_free + self.num_used == self.num_blocks
+        )
+
+
+@dataclass
+class _PendingImport:
+    block_ids: list[int]
+    num_tokens: int
+
+
+def _blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+def _check_tokens(num_tokens: int) -> None:
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+
+
+class KVCacheManager:
+    """Block tables of one memory tier (device or host).
+
+    At most one owner record per request id and kind: one table, one open export, one
+    pending import. A request may have a table and an open export at once (it was
+    exported, then allocated again here); restoring that export is then an error.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, tier: str = "device") -> None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        if not isinstance(tier, str) or not tier:
+            raise ValueError(f"tier must be a non-empty name, got {tier!r}")
+        self.block_size = block_size
+        self.tier = tier
+        self.pool = BlockPool(num_blocks)
+        self._tables: dict[str, list[int]] = {}
+        self._exports: dict[str, KVExport] = {}
+        self._imports: dict[str, _PendingImport] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"KVCacheManager(tier={self.tier!r}, block_size={self.block_size}, "
+            f"free={self.pool.num_free}/{self.pool.num_blocks}, tables={len(self._tables)}, "
+            f"exports={len(self._exports)}, imports={len(self._imports)})"
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    # ---- tables ----------------------------------------------------------------------
+
+    def blocks_needed(self, request_id: str, num_tokens: int) -> int:
+        """Extra blocks the request's table needs to hold ``num_tokens`` tokens (0 if enough).
+
+        An unknown request counts as an empty table.
+        """
+        _check_tokens(num_tokens)
+        have = len(self._tables.get(request_id, ()))
+        return max(0, _blocks_for(num_tokens, self.block_size) - have)
+
+    def can_allocate(self, request_id: str, num_tokens: int, reserve: int = 0) -> bool:
+        """Whether ``allocate(request_id, num_tokens)`` would leave at least ``reserve`` free."""
+        if reserve < 0:
+            raise ValueError(f"reserve must be >= 0, got {reserve}")
+        return self.blocks_needed(request_id, num_tokens) + reserve <= self.pool.num_free
+
+    def allocate(self, request_id: str, num_tokens: int) -> list[int]:
+        """Grow the request's table (creating it if needed) to cover ``num_tokens`` tokens.
+
+        Returns the newly added ids (``[]`` if the table was already big enough; it never
+        shrinks). All or nothing: on ``NoFreeBlocksError`` the table is as it was, and an
+        unknown request still has no table. ``KVStateError`` if the request has a pending
+        import here (commit or abort it first).
+        """
+        if request_id in self._imports:
+            raise KVStateError(
+                f"request {request_id!r} has a pending import on {self.tier}; "
+                "commit or abort it before allocating"
+            )
+        need = self.blocks_needed(request_id, num_tokens)
+        try:
+            new_ids = self.pool.allocate(need)
+        except NoFreeBlocksError:
+            raise NoFreeBlocksError(
+                f"request {request_id!r} needs {need} more blocks for {num_tokens} tokens; "
+                f"{self.pool.num_free} of {self.pool.num_blocks} free on {self.tier}"
+            ) from None
+        self._tables.setdefault(request_id, []).extend(new_ids)
+        return new_ids
+
+    def block_table(self, request_id: str) -> list[int]:
+        """The request's block ids in token order (a copy); ``[]`` if it has no table."""
+        return list(self._tables.get(request_id, ()))
+
+    def has(self, request_id: str) -> bool:
+        """Whether the request has a table here (exports and pending imports do not count)."""
+        return request_id in self._tables
+
+    def num_tokens_capacity(self, request_id: str) -> int:
+        """Tokens the request's table can hold: ``len(table) * block_size`` (0 if none)."""
+        return len(self._tables.get(request_id, ())) * self.block_size
+
+    def free(self, request_id: str) -> None:
+        """Free the request's table. A no-op for a request without one.
+
+        Idempotent on purpose: abort and cancel paths may race with normal completion,
+        and calling ``free`` twice must be harmless. It leaves the request's open export
+        and pending import alone: bytes may still be moving through those blocks, and
+        only the transfer that owns them may end them.
+        """
+        table = self._tables.pop(request_id, None)
+        if table:
+            self.pool.free(table)
+
+    def fork(self, parent_id: str, child_id: str) -> None:
+        """Give ``child_id`` a table that shares every block of ``parent_id``'s (refcount + 1).
+
+        ``KVStateError`` if the parent has no table, or the child has a table or a pending
+        import here.
+        """
+        parent = self._tables.get(parent_id)
+        if parent is None:
+            raise KVStateError(f"cannot fork {parent_id!r} on {self.tier}: it has no table")
+        self._check_id_free(child_id, f"fork {parent_id!r} into it")
+        self.pool.incref(parent)
+        self._tables[child_id] = list(parent)
+
+    # ---- export: blocks leave this tier ----------------------------------------------
+
+    def export(self, request_id: str, num_tokens: int) -> KVExport:
+        """Detach the request's table: its first ``ceil(num_tokens / block_size)`` blocks
+        move to the returned export; any blocks after them are freed. The request has no
+        table here afterwards.
+
+        ``KVStateError`` if the request has no table, holds fewer than ``num_tokens``
+        tokens of room, or already has an open export here.
+        """
+        _check_tokens(num_tokens)
+        table = self._tables.get(request_id)
+        if table is None:
+            raise KVStateError(f"cannot export {request_id!r} from {self.tier}: it has no table")
+        if request_id in self._exports:
+            raise KVStateError(
+                f"cannot export {request_id!r} from {self.tier}: its previous export is still "
+                "open (release or restore it first)"
+            )
+        keep = _blocks_for(num_tokens, self.block_size)
+        if keep > len(table):
+            raise KVStateError(
+                f"cannot export {num_tokens} tokens of {request_id!r} from {self.tier}: "
+                f"its table holds only {len(table) * self.block_size}"
+            )
+        del self._tables[request_id]
+        if keep < len(table):
+            self.pool.free(table[keep:])
+        exp = KVExport(request_id=request_id, block_ids=tuple(table[:keep]), num_tokens=num_tokens)
+        self._exports[request_id] = exp
+        return exp
+
+    def release_export(self, export: KVExport) -> None:
+        """The copy is done: free the export's blocks. ``KVStateError`` if it is not open."""
+        self._take_export(export, "release")
+        self.pool.free(export.block_ids)
+
+    def restore_export(self, export: KVExport) -> None:
+        """The copy was aborted: the export's blocks become the request's table again.
+
+        ``KVStateError`` (changing nothing) if the export is not open, or if the request
+        has a table or a pending import here meanwhile.
+        """
+        self._find_export(export, "restore")
+        self._check_id_free(export.request_id, "restore its export")
+        del self._exports[export.request_id]
+        self._tables[export.request_id] = list(export.block_ids)
+
+    def open_exports(self) -> list[KVExport]:
+        return list(self._exports.values())
+
+    # ---- import: blocks arrive in this tier ------------------------------------------
+
+    def reserve_import(self, request_id: str, num_tokens: int) -> list[int]:
+        """Reserve ``ceil(num_tokens / block_size)`` blocks for incoming K/V, in token order.
+
+        They are pending (owned by the import, not yet a table). ``NoFreeBlocksError``
+        reserves nothing; ``KVStateError`` if the request has a table or a pending import here.
+        """
+        _check_tokens(num_tokens)
+        self._check_id_free(request_id, "reserve an import")
+        need = _blocks_for(num_tokens, self.block_size)
+        try:
+            ids = self.pool.allocate(need)
+        except NoFreeBlocksError:
+            raise NoFreeBlocksError(
+                f"cannot reserve {need} blocks to import {num_tokens} tokens of "
+                f"{request_id!r}: {self.pool.num_free} of {self.pool.num_blocks} free "
+                f"on {self.tier}"
+            ) from None
+        self._imports[request_id] = _PendingImport(block_ids=ids, num_tokens=num_tokens)
+        return list(ids)
+
+    def commit_import(self, request_id: str) -> list[int]:
+        """The bytes have arrived: the pending blocks become the request's table (returned)."""
+        pending = self._imports.get(request_id)
+        if pending is None:
+            raise KVStateError(
+                f"cannot commit import of {request_id!r} on {self.tier}: none is pending"
+            )
+        # allocate/fork/restore refuse ids with a pending import, so no table exists.
+        assert request_id not in self._tables
+        del self._imports[request_id]
+        self._tables[request_id] = pending.block_ids
+        return list(pending.block_ids)
+
+    def abort_import(self, request_id: str) -> None:
+        """Free the request's pending blocks; a no-op if it has none."""
+        pending = self._imports.pop(request_id, None)
+        if pending is not None:
+            self.pool.free(pending.block_ids)
+
+    def pending_imports(self) -> list[str]:
+        return list(self._imports)
+
+    # ---- audit -----------------------------------------------------------------------
+
+    def audit(self) -> KVAudit:
+        """Count every block's owners across tables, exports and pending imports, and
+        compare with the pool. O(used blocks + owned references); never raises."""
+        owners: Counter[int] = Counter()
+        in_tables: set[int] = set()
+        in_exports: set[int] = set()
+        in_imports: set[int] = set()
+        for table in self._tables.values():
+            owners.update(table)
+            in_tables.update(table)
+        for exp in self._exports.values():
+            owners.update(exp.block_ids)
+            in_exports.update(exp.block_ids)
+        for pending in self._imports.values():
+            owners.update(pending.block_ids)
+            in_imports.update(pending.block_ids)
+        pool = self.pool
+        used = set(pool.used_block_ids())
+        leaked = sorted(b for b in used if b not in owners)
+        mismatch = sorted(b for b in used.union(owners) if self._refcount_or_none(b) != owners[b])
+        return KVAudit(
+            num_blocks=pool.num_blocks,
+            num_free=pool.num_free,
+            num_used=pool.num_used,
+            in_tables=len(in_tables),
+            in_exports=len(in_exports),
+            in_imports=len(in_imports),
+            leaked=tuple(leaked),
+            refcount_mismatch=tuple(mismatch),
+        )
+
+    # ---- helpers ---------------------------------------------------------------------
+
+    def _refcount_or_none(self, block_id: int) -> int | None:
+        try:
+            return self.pool.refcount(block_id)
+        except KVStateError:  # an owned id outside the pool: always a mismatch
+            return None
+
+    def _check_id_free(self, request_id: str, action: str) -> None:
+        if request_id in self._tables:
+            raise KVStateError(
+                f"cannot {action}: request {request_id!r} already has a table on {self.tier}"
+            )
+        if request_id in self._imports:
+            raise KVStateError(
+                f"cannot {action}: request {request_id!r} already has a pending import "
+                f"on {self.tier}"
+            )
+
+    def _find_export(self, export: KVExport, action: str) -> None:
+        current = self._exports.get(export.request_id)
+        if current is None or current != export:
+            raise KVStateError(
+                f"cannot {action} export of {export.request_id!r} on {self.tier}: it is not "
+                "open here (already released or restored, or from another tier)"
+            )
+
+    def _take_export(self, export: KVExport, action: str) -> None:
+        self._find_export(export, action)
+        del self._exports[export.request_id]

@@ -1,0 +1,198 @@
+"""Requests, their sampling parameters and their states (pure Python, no torch).
+
+A ``Request`` counts its progress instead of flagging a phase:
+
+    num_tokens          = len(prompt_token_ids) + len(output_token_ids)
+    num_computed_tokens = tokens whose K/V are in the request's blocks
+
+Invariant: ``0 <= num_computed_tokens <= num_tokens``. A request needs a forward pass
+over ``num_tokens - num_computed_tokens`` tokens; it produces a new token only in the
+pass that brings ``num_computed_tokens`` up to ``num_tokens``. Prefill, chunked prefill,
+decode and recompute-after-preemption are all the same rule.
+
+State machine (``RequestStatus``)::
+
+    WAITING ──schedule──► RUNNING ──stop / length──► FINISHED_STOPPED | FINISHED_LENGTH
+       ▲                    │
+       └──── PREEMPTED ◄────┘ (blocks freed: recompute, or moved to host: SWAPPED)
+    any non-finished state ──abort──► FINISHED_ABORTED
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # blocks freed; resumes by recomputing its tokens
+    SWAPPED = "swapped"  # blocks live in the host tier; resumes by swapping in
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED
+
+    @property
+    def finish_reason(self) -> str | None:
+        """OpenAI ``finish_reason`` for a finished request, else ``None``."""
+        return self.value if self.is_finished else None
+
+
+_FINISHED = frozenset(
+    {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
+)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop. Validated on construction.
+
+    ``top_k=None`` and ``logprobs=None`` mean "off"; no field uses a sign to switch a
+    feature. ``temperature == 0`` is greedy decoding. ``seed`` makes sampling of one
+    request reproducible whatever else shares its batch, across preemption and across
+    engines (the generator is re-derived from the seed and the output position).
+    """
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        # Accept lists/strings from callers but store tuples so the object stays hashable.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an integer >= 1")
+        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens must be an integer >= 0")
+        _check(self.min_tokens <= self.max_tokens, "min_tokens must not exceed max_tokens")
+        _check(_finite(self.temperature) and self.temperature >= 0.0, "temperature must be >= 0")
+        _check(_finite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]")
+        _check(
+            self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 1),
+            "top_k must be None (off) or an integer >= 1",
+        )
+        _check(_finite(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]")
+        _check(self.seed is None or isinstance(self.seed, int), "seed must be an integer")
+        _check(_finite(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]")
+        _check(_finite(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]")
+        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0.0, "repetition_penalty must be > 0")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0")
+        _check(
+            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+            "logprobs must be None or an integer in [0, 20]",
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class Request:
+    """One generation job as the scheduler and engine see it.
+
+    ``priority`` is the API's priority class: lower runs first, above any policy order.
+    ``eos_token_ids`` come from the model; they stop the request unless ``ignore_eos``.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float
+    priority: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    output_token_ids: list[int] = field(default_factory=list)
+    # Per output token: (logprob of the sampled token, [(token_id, logprob), ...] top-n).
+    output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    num_preemptions: int = 0
+    # The token that stopped the request (EOS or a stop token id), if any.
+    stop_reason: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_output(self, token_id: int) -> RequestStatus | None:
+        """Record a sampled token; return the finished status it causes, if any.
+
+        Token-level stop rules live here (EOS, stop token ids, max_tokens, min_tokens);
+        stop *strings* need the detokenizer and are checked by the output processor.
+        """
+        self.output_token_ids.append(token_id)
+        params = self.sampling_params
+        n = len(self.output_token_ids)
+        if n >= params.min_tokens:
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                self.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                self.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if n >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None

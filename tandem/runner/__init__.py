@@ -1,0 +1,1 @@
+"""Model runner: input preparation, sampling, CUDA graphs and KV tensors (torch)."""

@@ -1,0 +1,65 @@
+"""The bytes behind a tier of KV blocks, and moving blocks between tiers.
+
+One tensor per tier: ``data`` [num_layers, 2 (K, V), num_blocks, block_size, Hkv, D].
+Per-layer K and V views are what attention reads and writes. ``gather`` and ``scatter``
+move whole blocks; they are the byte half of the export/import primitive (the
+bookkeeping half is tandem/kvcache): swap, handoff and migration all go through them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tandem.config import ModelConfig
+
+
+class KVTensors:
+    def __init__(
+        self,
+        model: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: str | torch.device,
+        pin_memory: bool = False,
+    ) -> None:
+        shape = (model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        self.data = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory)
+        self.block_size = block_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def bytes_per_block(self) -> int:
+        d = self.data
+        return d.element_size() * d[:, :, 0].numel()
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[i, 0], self.data[i, 1]
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.layer(i) for i in range(self.data.shape[0])]
+
+    def gather(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """Copy of the blocks: [layers, 2, n, block_size, Hkv, D], contiguous."""
+        idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
+        return self.data.index_select(2, idx)
+
+    def scatter(self, block_ids: Sequence[int], payload: torch.Tensor) -> None:
+        """Write ``payload`` (as returned by ``gather``) into ``block_ids``."""
+        if payload.shape[2] != len(block_ids) or payload.shape[3:] != self.data.shape[3:]:
+            raise ValueError(f"KV payload shape {tuple(payload.shape)} does not fit {len(block_ids)} blocks of {tuple(self.data.shape[3:])}")
+        idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
+        self.data.index_copy_(2, idx, payload.to(device=self.device, dtype=self.data.dtype, non_blocking=True))
+
+
+def copy_blocks(src: KVTensors, src_ids: Sequence[int], dst: KVTensors, dst_ids: Sequence[int]) -> None:
+    """Copy blocks pairwise from one tier to another (or within one tier)."""
+    if len(src_ids) != len(dst_ids):
+        raise ValueError(f"copy of {len(src_ids)} blocks into {len(dst_ids)}")
+    if src_ids:
+        dst.scatter(dst_ids, src.gather(src_ids))
