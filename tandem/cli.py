@@ -26,7 +26,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="max requests per iteration")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per iteration")
     p.add_argument("--no-chunked-prefill", action="store_true", help="prefill whole prompts only")
-    p.add_argument("--policy", default="fcfs", help="scheduling policy (default: fcfs)")
+    p.add_argument("--policy", default="mlfq", choices=["fcfs", "mlfq", "alise"], help="scheduling policy (default: mlfq)")
     p.add_argument("--max-model-len", type=int, default=None, help="max prompt + output tokens")
 
 

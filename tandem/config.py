@@ -200,15 +200,26 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
-    policy: str = "fcfs"
+    policy: str = "mlfq"
     preemption_mode: str = "recompute"
     max_model_len: int | None = None
+    # mlfq / alise knobs (see tandem/sched/mlfq.py, alise.py). q0 None = from the cost model.
+    mlfq_q0: float | None = None
+    mlfq_levels: int = 8
+    skip_join: bool = True
+    starvation_limit: float = 60.0
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens (token budget) must be >= 1")
         _require(self.preemption_mode in PREEMPTION_MODES, f"preemption_mode must be one of {PREEMPTION_MODES}")
         _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1")
+        _require(self.mlfq_q0 is None or self.mlfq_q0 > 0, "mlfq_q0 must be > 0 seconds")
+        _require(self.mlfq_levels >= 1, "mlfq_levels must be >= 1")
+        _require(self.starvation_limit > 0, "starvation_limit must be > 0 seconds")
+        from tandem.sched.policy import POLICIES
+
+        _require(self.policy in POLICIES, f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ class LLM:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         enable_chunked_prefill: bool = True,
-        policy: str = "fcfs",
+        policy: str = "mlfq",
         preemption_mode: str | None = None,
         max_model_len: int | None = None,
     ) -> None:

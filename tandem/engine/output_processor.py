@@ -24,6 +24,11 @@ class OutputProcessor:
         self._finish = finish
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._text: dict[str, str] = {}
+        self._special_ids: frozenset[int] | None = None
+        if tokenizer is not None:
+            from tandem.detokenizer import special_token_ids
+
+            self._special_ids = frozenset(special_token_ids(tokenizer))
 
     def add(self, request: Request, context_token_ids: list[int] | None = None) -> None:
         """Start tracking ``request``. ``context_token_ids`` seeds detokenization of a
@@ -40,6 +45,7 @@ class OutputProcessor:
             skip_special_tokens=params.skip_special_tokens,
             stop=params.stop,
             include_stop_str_in_output=params.include_stop_str_in_output,
+            special_ids=self._special_ids,
         )
 
     def process(self, events: list[TokenEvent]) -> list[RequestOutput]:

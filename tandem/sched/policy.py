@@ -1,22 +1,29 @@
 """Scheduling policies: which request runs first (pure).
 
 A policy orders requests; the batch builder (scheduler.py) packs them into an
-iteration under the token budget, the batch size and free KV blocks. The contract:
+iteration under the token budget, the batch size and free KV blocks, in that order. The
+same policy objects order the router's admission queue and each worker's iterations.
 
-- ``on_arrival(request, now)``: a new request enters (policies may assign a level).
-- ``sort_key(request, now)``: smaller runs first. The API's ``priority`` class must be the
-  first element, so classes order strictly above any policy order.
-- ``on_service(request, num_tokens, now)``: the request was in the iteration that just ran.
+Contract:
+- ``on_arrival(request, now)``: a request enters (policies may assign a queue).
+- ``before_schedule(requests, now)``: called once per iteration with every live request,
+  before sorting (starvation promotion happens here).
+- ``sort_key(request, now)``: smaller runs first. The API's ``priority`` class is the
+  first element, so classes order strictly above any policy order. Must be cheap and
+  free of side effects.
+- ``on_service(request, num_tokens, seconds, now)``: the request was in the iteration
+  that just ran, which took ``seconds``; ``num_tokens`` of it were this request's.
 - ``on_finish(request)``: the request left; drop any state about it.
 
-The request that sorts *last* among running ones is the first to be preempted.
-``POLICIES`` maps names to implementations; ``make_policy(name)`` builds one.
+The request that sorts *last* among resident ones is the first to be preempted.
+``POLICIES`` maps names to implementations; ``make_policy(name, ...)`` builds one.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from tandem.request import Request
 
@@ -27,43 +34,48 @@ class SchedulingPolicy(abc.ABC):
     def on_arrival(self, request: Request, now: float) -> None:  # noqa: B027 (optional hook)
         pass
 
+    def before_schedule(self, requests: Iterable[Request], now: float) -> None:  # noqa: B027
+        pass
+
     @abc.abstractmethod
     def sort_key(self, request: Request, now: float) -> tuple: ...
 
-    def on_service(self, request: Request, num_tokens: int, now: float) -> None:  # noqa: B027
+    def on_service(self, request: Request, num_tokens: int, seconds: float, now: float) -> None:  # noqa: B027
         pass
 
     def on_finish(self, request: Request) -> None:  # noqa: B027
         pass
 
-
-class FCFSPolicy(SchedulingPolicy):
-    """First come, first served (vLLM / Orca): arrival order inside a priority class."""
-
-    name = "fcfs"
-
-    def __init__(self) -> None:
-        self._seq: dict[str, int] = {}
-        self._counter = 0
-
-    def on_arrival(self, request: Request, now: float) -> None:
-        if request.request_id not in self._seq:
-            self._seq[request.request_id] = self._counter
-            self._counter += 1
-
-    def sort_key(self, request: Request, now: float) -> tuple:
-        # The counter breaks ties between equal arrival times deterministically.
-        return (request.priority, request.arrival_time, self._seq.get(request.request_id, 0))
-
-    def on_finish(self, request: Request) -> None:
-        self._seq.pop(request.request_id, None)
+    def describe(self, request: Request) -> dict[str, Any]:
+        """Policy state of one request, for metrics and migration (JSON-able)."""
+        return {}
 
 
-POLICIES: dict[str, Callable[[], SchedulingPolicy]] = {"fcfs": FCFSPolicy}
+def _fcfs() -> SchedulingPolicy:
+    from tandem.sched.fcfs import FCFSPolicy
+
+    return FCFSPolicy()
 
 
-def make_policy(name: str) -> SchedulingPolicy:
+def _mlfq(**kw: Any) -> SchedulingPolicy:
+    from tandem.sched.mlfq import MLFQPolicy
+
+    return MLFQPolicy(**kw)
+
+
+def _alise(**kw: Any) -> SchedulingPolicy:
+    from tandem.sched.alise import ALISEPolicy
+
+    return ALISEPolicy(**kw)
+
+
+POLICIES: dict[str, Callable[..., SchedulingPolicy]] = {"fcfs": _fcfs, "mlfq": _mlfq, "alise": _alise}
+
+
+def make_policy(name: str, **options: Any) -> SchedulingPolicy:
+    """Build policy ``name``. Options a policy does not take are ignored (FCFS takes none)."""
     try:
-        return POLICIES[name]()
+        factory = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; available: {', '.join(sorted(POLICIES))}") from None
+    return factory() if name == "fcfs" else factory(**options)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from tandem.config import CacheConfig, SchedulerConfig
 from tandem.kvcache import KVCacheManager
 from tandem.request import Request, RequestStatus
+from tandem.sched.cost_model import CostModel
 from tandem.sched.output import BlockCopy, RunnerOutput, ScheduledChunk, SchedulerOutput
 from tandem.sched.policy import SchedulingPolicy, make_policy
 
@@ -48,6 +49,7 @@ class Scheduler:
         cache_config: CacheConfig,
         policy: SchedulingPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        cost_model: CostModel | None = None,
     ) -> None:
         self.config = sched_config
         self.block_size = cache_config.block_size
@@ -57,7 +59,16 @@ class Scheduler:
             if cache_config.num_host_blocks > 0
             else None
         )
-        self.policy = policy or make_policy(sched_config.policy)
+        self.cost_model = cost_model or CostModel()
+        self.policy = policy or make_policy(
+            sched_config.policy,
+            cost_model=self.cost_model,
+            q0=sched_config.mlfq_q0,
+            num_levels=sched_config.mlfq_levels,
+            skip_join=sched_config.skip_join,
+            starvation_limit=sched_config.starvation_limit,
+        )
+        self._scheduled_at = 0.0
         self.clock = clock
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
@@ -79,6 +90,12 @@ class Scheduler:
             raise ValueError(
                 f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
                 f"({request.sampling_params.max_tokens}) = {need} exceeds the maximum context length {max_len}"
+            )
+        if not self.config.enable_chunked_prefill and need > self.config.max_num_batched_tokens:
+            # Without chunking, a preempted request recomputes prompt + output in one pass.
+            raise ValueError(
+                f"prompt + max_tokens = {need} exceeds the token budget "
+                f"{self.config.max_num_batched_tokens}; enable chunked prefill or raise the budget"
             )
         blocks = -(-need // self.block_size)
         if blocks > self.device_kv.pool.num_blocks:
@@ -119,65 +136,64 @@ class Scheduler:
     # ------------------------------------------------------------------ batch building
     def schedule(self) -> SchedulerOutput:
         now = self.clock()
+        self._scheduled_at = now
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        key = lambda r: self.policy.sort_key(r, now)  # noqa: E731
-        self.running.sort(key=key)
-        scheduled: list[Request] = []
-
-        # 1. Running requests, highest priority first; preempt from the tail when short.
-        queue = list(self.running)
-        while queue and budget > 0:
-            req = queue.pop(0)
+        live = [*self.running, *self.swapped, *self.waiting]
+        self.policy.before_schedule(live, now)
+        order = sorted(live, key=lambda r: self.policy.sort_key(r, now))
+        rank = {r.request_id: i for i, r in enumerate(order)}
+        # Resident requests (holding device blocks), lowest priority last: eviction victims.
+        resident = [r for r in order if r.status is RequestStatus.RUNNING]
+        picked = 0
+        admitting = True  # cleared when a non-resident request does not fit (FIFO head)
+        for req in order:
+            if budget <= 0 or picked >= self.config.max_num_seqs:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                if not admitting:
+                    continue
+                if req.status is RequestStatus.SWAPPED:
+                    # Never swap in during an iteration that swapped out (no ping-pong).
+                    if out.swap_out or not self._swap_in(req, out, resident, rank):
+                        admitting = False
+                        continue
+                else:
+                    n = self._chunk_len(req, budget)
+                    partial = n < req.num_uncomputed_tokens
+                    if n <= 0 or (partial and not self.config.enable_chunked_prefill) or not self._make_room(
+                        req, req.num_computed_tokens + n, out, resident, rank
+                    ):
+                        admitting = False
+                        continue
+                    self.waiting.remove(req)
+                    req.status = RequestStatus.RUNNING
+                    self.running.append(req)
+                    resident.insert(0, req)  # never its own victim list entry below it
             n = self._chunk_len(req, budget)
             if n <= 0:
                 continue
-            while not self.device_kv.can_allocate(req.request_id, req.num_computed_tokens + n):
-                victim = queue.pop() if queue else req
-                self._preempt(victim, out)
-                if victim is req:
-                    break
-            if req.status is not RequestStatus.RUNNING:
+            if not self._make_room(req, req.num_computed_tokens + n, out, resident, rank):
+                # Nothing below it to evict: it gives up its own blocks.
+                self._preempt(req, out)
+                resident.remove(req)
                 continue
             self._add_chunk(req, n, out)
-            scheduled.append(req)
+            picked += 1
             budget -= n
-
-        # 2. Swapped requests come back before new work (they already hold progress).
-        if self.swapped and not out.swap_out:
-            self.swapped.sort(key=key)
-            for req in list(self.swapped):
-                if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
-                    break
-                if not self._swap_in(req, out):
-                    break
-                n = self._chunk_len(req, budget)
-                if n > 0 and self.device_kv.can_allocate(req.request_id, req.num_computed_tokens + n):
-                    self._add_chunk(req, n, out)
-                    scheduled.append(req)
-                    budget -= n
-
-        # 3. Waiting requests: FIFO inside the policy order; stop at the first that
-        #    does not fit so a large request at the head is not starved by small ones.
-        if self.waiting and not out.preempted:
-            self.waiting.sort(key=key)
-            for req in list(self.waiting):
-                if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
-                    break
-                n = self._chunk_len(req, budget)
-                if n <= 0:
-                    break
-                if not self.config.enable_chunked_prefill and n < req.num_uncomputed_tokens:
-                    break
-                if not self.device_kv.can_allocate(req.request_id, req.num_computed_tokens + n):
-                    break
-                self.waiting.remove(req)
-                req.status = RequestStatus.RUNNING
-                self.running.append(req)
-                self._add_chunk(req, n, out)
-                scheduled.append(req)
-                budget -= n
         return out
+
+    def _make_room(
+        self, req: Request, num_tokens: int, out: SchedulerOutput, resident: list[Request], rank: dict[str, int]
+    ) -> bool:
+        """Ensure ``req`` can hold ``num_tokens``, evicting only lower-priority residents."""
+        while not self.device_kv.can_allocate(req.request_id, num_tokens):
+            victim = resident[-1] if resident else None
+            if victim is None or victim is req or rank[victim.request_id] <= rank[req.request_id]:
+                return False
+            resident.pop()
+            self._preempt(victim, out)
+        return True
 
     def _chunk_len(self, req: Request, budget: int) -> int:
         """Tokens to compute for ``req`` now: all that remain, or a block-aligned chunk."""
@@ -225,6 +241,9 @@ class Scheduler:
         host = self.host_kv
         if (
             host is None
+            # Swap-ins and swap-outs never share an iteration: host blocks a swap-in just
+            # released could be overwritten by a swap-out that the runner copies first.
+            or out.swap_in
             or self.config.preemption_mode != "swap"
             or req.num_computed_tokens == 0
             or not host.can_allocate(req.request_id, req.num_computed_tokens)
@@ -241,10 +260,11 @@ class Scheduler:
         self.swapped.append(req)
         return True
 
-    def _swap_in(self, req: Request, out: SchedulerOutput) -> bool:
+    def _swap_in(self, req: Request, out: SchedulerOutput, resident: list[Request], rank: dict[str, int]) -> bool:
         assert self.host_kv is not None
         need = -(-req.num_computed_tokens // self.block_size)
-        # Keep room for the request's next token, or it would be preempted at once.
+        # Room for its blocks plus its next token, or it would be preempted at once; only
+        # free blocks are used (evicting others to swap this one in would ping-pong).
         if not self.device_kv.can_allocate(req.request_id, req.num_computed_tokens, reserve=1):
             return False
         export = self.host_kv.export(req.request_id, req.num_computed_tokens)
@@ -252,25 +272,32 @@ class Scheduler:
         assert len(dst) == need
         out.swap_in.append(BlockCopy("host", export.block_ids, tuple(dst)))
         self.device_kv.commit_import(req.request_id)
-        # Host blocks are only overwritten by a later swap-out, which the runner orders
-        # before swap-ins of the same iteration; they may be reused after this copy.
+        # Host blocks may be reused at once: a later swap-out that overwrites them is
+        # copied by the runner only in a later iteration, after this swap-in.
         self.host_kv.release_export(export)
         self.num_swapped_in_blocks += need
         self.swapped.remove(req)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
+        resident.insert(0, req)
         return True
 
     # ------------------------------------------------------------------ feedback
-    def update_from_output(self, sched_out: SchedulerOutput, runner_out: RunnerOutput) -> list[TokenEvent]:
+    def update_from_output(
+        self, sched_out: SchedulerOutput, runner_out: RunnerOutput, seconds: float | None = None
+    ) -> list[TokenEvent]:
+        """Apply one iteration's results. ``seconds``: how long it took (default: the
+        clock since ``schedule()``); each request in it is charged that much service."""
         now = self.clock()
+        if seconds is None:
+            seconds = max(now - self._scheduled_at, 0.0)
         events: list[TokenEvent] = []
         for chunk in sched_out.chunks:
             req = chunk.request
             if req.is_finished or req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the iteration ran
             req.num_computed_tokens += chunk.num_tokens
-            self.policy.on_service(req, chunk.num_tokens, now)
+            self.policy.on_service(req, chunk.num_tokens, seconds, now)
             if not chunk.sample:
                 continue
             token = runner_out.sampled[req.request_id]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,13 +48,32 @@ def _check_queues(s: Scheduler) -> None:
 
 
 workloads = st.lists(
-    st.tuples(st.integers(1, 60), st.integers(1, 20), st.integers(0, 2)),  # prompt len, max_tokens, priority
+    # prompt len, max_tokens, priority class, arrival iteration
+    st.tuples(st.integers(1, 60), st.integers(1, 20), st.integers(0, 2), st.integers(0, 30)),
     min_size=1,
     max_size=12,
 )
+POLICY_NAMES = ["fcfs", "mlfq", "alise"]
 
 
-@settings(max_examples=150, deadline=None)
+def _check_levels(policy, s: Scheduler, levels: dict[str, int], allowed) -> None:
+    for rid in s.requests:
+        new = policy.level_of(rid)
+        old = levels.get(rid, new)
+        assert new in allowed(old), f"{rid} moved from queue {old} to {new}"
+        levels[rid] = new
+
+
+def _policy(name: str, s_limit: float = 0.5):
+    from tandem.sched.cost_model import CostModel
+    from tandem.sched.policy import make_policy
+
+    # A tiny q0 and starvation limit so demotions and promotions really happen.
+    return make_policy(name, cost_model=CostModel(), q0=0.002, num_levels=4, starvation_limit=s_limit)
+
+
+@pytest.mark.parametrize("policy_name", POLICY_NAMES)
+@settings(max_examples=120, deadline=None)
 @given(
     reqs=workloads,
     budget=st.integers(1, 40),
@@ -62,42 +82,60 @@ workloads = st.lists(
     host_blocks=st.sampled_from([0, 8, 64]),
     chunked=st.booleans(),
 )
-def test_random_workloads_finish_without_leaks(reqs, budget, max_seqs, num_blocks, host_blocks, chunked):
+def test_random_workloads_finish_without_leaks(policy_name, reqs, budget, max_seqs, num_blocks, host_blocks, chunked):
     mode = "swap" if host_blocks else "recompute"
     if not chunked:
-        budget = max(budget, 60)  # whole prompts must fit the budget
+        budget = max(budget, 80)  # prompt + output must fit the budget (recompute)
+    clock = [0.0]
+    policy = _policy(policy_name)
     s = Scheduler(
         SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, enable_chunked_prefill=chunked, preemption_mode=mode),
         CacheConfig(block_size=BLOCK, num_blocks=num_blocks, num_host_blocks=host_blocks),
-        clock=lambda: 0.0,
+        policy=policy,
+        clock=lambda: clock[0],
     )
-    for i, (plen, max_tokens, prio) in enumerate(reqs):
-        s.add_request(
-            Request(f"r{i}", [1] * plen, SamplingParams(max_tokens=max_tokens, ignore_eos=True), arrival_time=float(i), priority=prio)
-        )
+    pending = sorted(((arr, i, plen, mt, prio) for i, (plen, mt, prio, arr) in enumerate(reqs)), reverse=True)
     finished: set[str] = set()
-    for _ in range(5000):
-        if not s.requests:
+    levels: dict[str, int] = {}
+    for it in range(5000):
+        while pending and pending[-1][0] <= it:
+            _, i, plen, max_tokens, prio = pending.pop()
+            s.add_request(
+                Request(f"r{i}", [1 + i] * plen, SamplingParams(max_tokens=max_tokens, ignore_eos=True), arrival_time=clock[0], priority=prio)
+            )
+        if not s.requests and not pending:
             break
         out = s.schedule()
+        if policy_name == "mlfq":  # schedule() may only promote (starvation) to queue 0
+            _check_levels(policy, s, levels, allowed=lambda old: (old, 0))
         assert out.num_batched_tokens <= budget
         assert len(out.chunks) <= max_seqs
-        assert len({c.request.request_id for c in out.chunks}) == len(out.chunks)
+        assert len({c.request.request_id for c in out.chunks}) == len(out.chunks), "a request scheduled twice"
+        scheduled = {c.request.request_id for c in out.chunks}
         for c in out.chunks:
             assert len(c.block_table) * BLOCK >= c.start_pos + c.num_tokens
             assert c.start_pos == c.request.num_computed_tokens
             if not c.sample and budget >= BLOCK:
                 assert (c.start_pos + c.num_tokens) % BLOCK == 0, "a partial prefill chunk is not block aligned"
+        if num_blocks >= 60 and not host_blocks:
+            # Priority classes: a better class is skipped only when its chunk did not fit.
+            worst = max((c.request.priority for c in out.chunks), default=None)
+            for r in s.requests.values():
+                if worst is not None and r.priority < worst and r.request_id not in scheduled:
+                    assert r.num_uncomputed_tokens > 1 or len(out.chunks) == max_seqs
         for copy in out.swap_out + out.swap_in:
             assert len(copy.src) == len(copy.dst)
-        assert not (out.swap_out and out.swap_in), "swapped in during an iteration that swapped out"
-        for ev in s.update_from_output(out, _fake_run(out)):
+        assert not (out.swap_out and out.swap_in), "swap-in and swap-out in one iteration"
+        clock[0] += 0.01
+        for ev in s.update_from_output(out, _fake_run(out), seconds=0.01):
             if ev.finished:
                 finished.add(ev.request.request_id)
+        if policy_name == "mlfq":  # service may only demote, one queue at a time
+            _check_levels(policy, s, levels, allowed=lambda old: (old, old + 1))
         _check_queues(s)
         assert s.device_kv.audit().ok
         assert s.host_kv is None or s.host_kv.audit().ok
-    assert not s.requests, "the scheduler stopped making progress"
+    assert not s.requests and not pending, "the scheduler stopped making progress"
     assert finished == {f"r{i}" for i in range(len(reqs))}
     assert s.device_kv.num_free_blocks == num_blocks
     assert s.host_kv is None or s.host_kv.num_free_blocks == host_blocks
@@ -107,7 +145,9 @@ def test_outputs_are_deterministic_under_preemption():
     """Recompute preemption must not change what a request generates."""
 
     def run(num_blocks: int) -> dict[str, list[int]]:
-        s = Scheduler(SchedulerConfig(max_num_batched_tokens=16), CacheConfig(block_size=BLOCK, num_blocks=num_blocks), clock=lambda: 0.0)
+        s = Scheduler(
+            SchedulerConfig(max_num_batched_tokens=16, policy="fcfs"), CacheConfig(block_size=BLOCK, num_blocks=num_blocks), clock=lambda: 0.0
+        )
         reqs = [Request(f"r{i}", [1] * (5 + 3 * i), SamplingParams(max_tokens=30, ignore_eos=True), float(i)) for i in range(6)]
         for r in reqs:
             s.add_request(r)
@@ -133,7 +173,7 @@ def test_request_that_can_never_fit_is_refused():
 
 
 def test_priority_class_runs_first():
-    s = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64), CacheConfig(block_size=BLOCK, num_blocks=64), clock=lambda: 0.0)
+    s = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, policy="fcfs"), CacheConfig(block_size=BLOCK, num_blocks=64), clock=lambda: 0.0)
     s.add_request(Request("low", [1] * 8, SamplingParams(max_tokens=2), 0.0, priority=1))
     s.add_request(Request("high", [1] * 8, SamplingParams(max_tokens=2), 1.0, priority=0))
     out = s.schedule()
