@@ -16,17 +16,30 @@ from collections.abc import Sequence
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Hugging Face model folder (default: the bundled tiny model)")
+    p.add_argument(
+        "--model", default=None, help="Hugging Face model folder (default: the bundled tiny model)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling (default: 0)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
-    p.add_argument("--kv-blocks", type=int, default=None, help="device KV blocks (default: from memory)")
-    p.add_argument("--host-kv-blocks", type=int, default=0, help="host-tier KV blocks for swap (default: 0)")
+    p.add_argument(
+        "--kv-blocks", type=int, default=None, help="device KV blocks (default: from memory)"
+    )
+    p.add_argument(
+        "--host-kv-blocks", type=int, default=0, help="host-tier KV blocks for swap (default: 0)"
+    )
     p.add_argument("--max-num-seqs", type=int, default=256, help="max requests per iteration")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per iteration")
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="token budget per iteration"
+    )
     p.add_argument("--no-chunked-prefill", action="store_true", help="prefill whole prompts only")
-    p.add_argument("--policy", default="mlfq", choices=["fcfs", "mlfq", "alise"], help="scheduling policy (default: mlfq)")
+    p.add_argument(
+        "--policy",
+        default="mlfq",
+        choices=["fcfs", "mlfq", "alise"],
+        help="scheduling policy (default: mlfq)",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="max prompt + output tokens")
 
 
@@ -36,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny-model", help="write the small bundled test model")
     p.add_argument("dir", help="output folder")
-    p.add_argument("--arch", default="llama", help="llama | mistral | qwen2 | qwen3 (default: llama)")
+    p.add_argument(
+        "--arch", default="llama", help="llama | mistral | qwen2 | qwen3 (default: llama)"
+    )
     p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
 
     p = sub.add_parser("generate", help="offline generation (no server)")
@@ -72,7 +87,10 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             ignore_eos=args.ignore_eos,
         )
     except ValueError as e:
-        parser.error(f"sampling flags: {e}")
+        message = str(e)
+        for field in ("max_tokens", "temperature", "top_p", "top_k"):
+            message = message.replace(field, "--" + field.replace("_", "-"))
+        parser.error(message)
     from tandem.engine.llm import LLM
 
     try:
@@ -97,8 +115,12 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elapsed = time.perf_counter() - start
     n_tokens = sum(len(o.token_ids) for o in outputs)
     for o in outputs:
-        print(f"--- prompt: {o.prompt!r}\n{o.text}\n[{len(o.token_ids)} tokens, finish_reason={o.finish_reason}]")
-    print(f"generated {n_tokens} tokens for {len(outputs)} prompts in {elapsed:.2f}s ({n_tokens / max(elapsed, 1e-9):.1f} tok/s)")
+        print(
+            f"--- prompt: {o.prompt!r}\n{o.text}\n[{len(o.token_ids)} tokens, finish_reason={o.finish_reason}]"
+        )
+    print(
+        f"generated {n_tokens} tokens for {len(outputs)} prompts in {elapsed:.2f}s ({n_tokens / max(elapsed, 1e-9):.1f} tok/s)"
+    )
     return 0
 
 

@@ -45,7 +45,10 @@ class RopeConfig:
     original_max_position_embeddings: int = 8192
 
     def __post_init__(self) -> None:
-        _require(self.rope_type in ("default", "llama3"), f"unsupported rope_type {self.rope_type!r} (supported: default, llama3)")
+        _require(
+            self.rope_type in ("default", "llama3"),
+            f"unsupported rope_type {self.rope_type!r} (supported: default, llama3)",
+        )
         _require(self.theta > 0, "rope theta must be > 0")
 
 
@@ -74,10 +77,22 @@ class ModelConfig:
             self.architecture in SUPPORTED_ARCHITECTURES,
             f"unsupported architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
         )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1")
-        _require(self.num_heads % self.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads")
-        _require(self.sliding_window is None or self.sliding_window >= 1, "sliding_window must be >= 1")
+        _require(
+            self.num_heads % self.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
+        )
+        _require(
+            self.sliding_window is None or self.sliding_window >= 1, "sliding_window must be >= 1"
+        )
 
     @property
     def q_size(self) -> int:
@@ -108,7 +123,9 @@ class ModelConfig:
             factor=float(merged.get("factor", 1.0)),
             low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
             high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
+            original_max_position_embeddings=int(
+                merged.get("original_max_position_embeddings", 8192)
+            ),
         )
         sliding = d.get("sliding_window")
         if arch.startswith("Qwen") and not d.get("use_sliding_window", False):
@@ -161,8 +178,16 @@ def _replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
 def kv_compat_hash(model: ModelConfig, dtype: str, block_size: int) -> str:
     """Hash of everything that must match for KV blocks to move between two engines."""
     key = json.dumps(
-        [model.architecture, model.num_layers, model.num_kv_heads, model.head_dim, model.hidden_size,
-         model.vocab_size, dtype, block_size],
+        [
+            model.architecture,
+            model.num_layers,
+            model.num_kv_heads,
+            model.head_dim,
+            model.hidden_size,
+            model.vocab_size,
+            dtype,
+            block_size,
+        ],
     )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -180,7 +205,10 @@ class CacheConfig:
     num_host_blocks: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.block_size >= 1 and (self.block_size & (self.block_size - 1)) == 0, "block_size must be a power of two")
+        _require(
+            self.block_size >= 1 and (self.block_size & (self.block_size - 1)) == 0,
+            "block_size must be a power of two",
+        )
         _require(self.num_blocks >= 1, "num_blocks (--kv-blocks) must be >= 1")
         _require(self.num_host_blocks >= 0, "num_host_blocks (--host-kv-blocks) must be >= 0")
 
@@ -211,15 +239,25 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
-        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens (token budget) must be >= 1")
-        _require(self.preemption_mode in PREEMPTION_MODES, f"preemption_mode must be one of {PREEMPTION_MODES}")
-        _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1")
+        _require(
+            self.max_num_batched_tokens >= 1, "max_num_batched_tokens (token budget) must be >= 1"
+        )
+        _require(
+            self.preemption_mode in PREEMPTION_MODES,
+            f"preemption_mode must be one of {PREEMPTION_MODES}",
+        )
+        _require(
+            self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"
+        )
         _require(self.mlfq_q0 is None or self.mlfq_q0 > 0, "mlfq_q0 must be > 0 seconds")
         _require(self.mlfq_levels >= 1, "mlfq_levels must be >= 1")
         _require(self.starvation_limit > 0, "starvation_limit must be > 0 seconds")
         from tandem.sched.policy import POLICIES
 
-        _require(self.policy in POLICIES, f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        _require(
+            self.policy in POLICIES,
+            f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -233,7 +271,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        _require(self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda[:N], got {self.device!r}")
+        _require(
+            self.device.split(":")[0] in ("cpu", "cuda"),
+            f"device must be cpu or cuda[:N], got {self.device!r}",
+        )
         _require(
             self.scheduler.enable_chunked_prefill or self.scheduler.max_num_batched_tokens >= 1,
             "token budget must be >= 1",

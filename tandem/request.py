@@ -83,8 +83,14 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an integer >= 1")
-        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens must be an integer >= 0")
+        _check(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+            "max_tokens must be an integer >= 1",
+        )
+        _check(
+            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            "min_tokens must be an integer >= 0",
+        )
         _check(self.min_tokens <= self.max_tokens, "min_tokens must not exceed max_tokens")
         _check(_finite(self.temperature) and self.temperature >= 0.0, "temperature must be >= 0")
         _check(_finite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]")
@@ -94,10 +100,22 @@ class SamplingParams:
         )
         _check(_finite(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]")
         _check(self.seed is None or isinstance(self.seed, int), "seed must be an integer")
-        _check(_finite(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]")
-        _check(_finite(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]")
-        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0.0, "repetition_penalty must be > 0")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        _check(
+            _finite(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0,
+            "presence_penalty must be in [-2, 2]",
+        )
+        _check(
+            _finite(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0,
+            "frequency_penalty must be in [-2, 2]",
+        )
+        _check(
+            _finite(self.repetition_penalty) and self.repetition_penalty > 0.0,
+            "repetition_penalty must be > 0",
+        )
+        _check(
+            all(isinstance(s, str) and s for s in self.stop),
+            "stop strings must be non-empty strings",
+        )
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0")
         _check(
             self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),

@@ -16,7 +16,15 @@ def get_backend(name: str = "torch") -> AttentionBackend:
     try:
         return BACKENDS[name]()
     except KeyError:
-        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(BACKENDS)}") from None
+        raise ValueError(
+            f"unknown attention backend {name!r}; available: {sorted(BACKENDS)}"
+        ) from None
 
 
-__all__ = ["BACKENDS", "AttentionBackend", "AttentionMetadata", "TorchReferenceBackend", "get_backend"]
+__all__ = [
+    "BACKENDS",
+    "AttentionBackend",
+    "AttentionMetadata",
+    "TorchReferenceBackend",
+    "get_backend",
+]

@@ -51,7 +51,9 @@ class TorchReferenceBackend(AttentionBackend):
             if meta.sliding_window is not None:
                 mask &= k_pos > q_pos - meta.sliding_window
             qs = q[start : start + n].transpose(0, 1)  # [Hq, n, D]
-            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+            o = F.scaled_dot_product_attention(
+                qs, keys, vals, attn_mask=mask, scale=scale, enable_gqa=group > 1
+            )
             out[start : start + n] = o.transpose(0, 1)
         if decode_rows:
             self._decode_batch(q, flat_k, flat_v, meta, decode_rows, group, scale, out)

@@ -58,7 +58,9 @@ class LLM:
             device=device,
             dtype=dtype,
             seed=seed,
-            cache=CacheConfig(block_size=block_size, num_blocks=kv_blocks, num_host_blocks=host_kv_blocks),
+            cache=CacheConfig(
+                block_size=block_size, num_blocks=kv_blocks, num_host_blocks=host_kv_blocks
+            ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,

@@ -63,7 +63,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.config, self.model_config)
         self.tokenizer = tokenizer
         self.outputs = OutputProcessor(tokenizer, self.scheduler.finish)
-        self.compat_hash = kv_compat_hash(self.model_config, self.config.dtype, self.config.cache.block_size)
+        self.compat_hash = kv_compat_hash(
+            self.model_config, self.config.dtype, self.config.cache.block_size
+        )
         self._ids = itertools.count()
         self.num_iterations = 0
 

@@ -79,7 +79,9 @@ class OutputProcessor:
     def abort(self, request: Request) -> RequestOutput:
         return self._output(request, [], "", True)
 
-    def _output(self, req: Request, new_ids: list[int], delta: str, finished: bool) -> RequestOutput:
+    def _output(
+        self, req: Request, new_ids: list[int], delta: str, finished: bool
+    ) -> RequestOutput:
         rid = req.request_id
         out = RequestOutput(
             request_id=rid,
@@ -91,7 +93,9 @@ class OutputProcessor:
             finished=finished,
             finish_reason=req.status.finish_reason if finished else None,
             stop_reason=req.stop_reason,
-            logprobs=list(req.output_logprobs) if req.sampling_params.logprobs is not None else None,
+            logprobs=list(req.output_logprobs)
+            if req.sampling_params.logprobs is not None
+            else None,
             num_preemptions=req.num_preemptions,
         )
         if finished:

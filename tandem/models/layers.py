@@ -41,7 +41,9 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
     # Long wavelengths (low frequencies) are slowed down by `factor`, short ones kept,
     # and the band between them interpolated smoothly (Llama 3.1 recipe).
     scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
-    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
     is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(is_medium, smoothed, scaled)
@@ -54,7 +56,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, rope), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T] int64 -> cos, sin: [T, 1, head_dim] in `dtype`
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :].to(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -38,7 +38,9 @@ def _safetensor_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_model(model_dir: str | Path, cfg: ModelConfig, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+def load_model(
+    model_dir: str | Path, cfg: ModelConfig, device: str, dtype: torch.dtype
+) -> LlamaForCausalLM:
     model_dir = Path(model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -64,19 +66,29 @@ def load_model(model_dir: str | Path, cfg: ModelConfig, device: str, dtype: torc
         present = [p for p in parts if p is not None]
         expected = 2 if "gate_up" in target else 3
         if len(present) != expected:
-            raise ValueError(f"incomplete fused weight {target!r}: got {len(present)} of {expected} parts")
+            raise ValueError(
+                f"incomplete fused weight {target!r}: got {len(present)} of {expected} parts"
+            )
         loaded[target] = torch.cat(present, dim=0)
     if cfg.tie_word_embeddings:
         loaded.pop("lm_head.weight", None)
-    missing = [n for n in params if n not in loaded and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    missing = [
+        n
+        for n in params
+        if n not in loaded and not (cfg.tie_word_embeddings and n == "lm_head.weight")
+    ]
     if missing:
-        raise ValueError(f"weights missing from {model_dir}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ValueError(
+            f"weights missing from {model_dir}: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
     model = model.to_empty(device=device)
     with torch.no_grad():
         for name, tensor in loaded.items():
             param = params[name]
             if tuple(param.shape) != tuple(tensor.shape):
-                raise ValueError(f"shape mismatch for {name}: model {tuple(param.shape)}, file {tuple(tensor.shape)}")
+                raise ValueError(
+                    f"shape mismatch for {name}: model {tuple(param.shape)}, file {tuple(tensor.shape)}"
+                )
             model.get_parameter(name).copy_(tensor.to(dtype))
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight

@@ -19,7 +19,9 @@ class ModelInputs:
     sample_chunks: list[int]  # index into SchedulerOutput.chunks, aligned with sample_rows
 
 
-def prepare_inputs(sched: SchedulerOutput, block_size: int, sliding_window: int | None, device: torch.device) -> ModelInputs:
+def prepare_inputs(
+    sched: SchedulerOutput, block_size: int, sliding_window: int | None, device: torch.device
+) -> ModelInputs:
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -35,7 +37,9 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, sliding_window: int 
         ids.extend(chunk.token_ids)
         positions.extend(range(start, start + n))
         table = chunk.block_table
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+        slots.extend(
+            table[p // block_size] * block_size + p % block_size for p in range(start, start + n)
+        )
         tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
         query_start.append(query_start[-1] + n)
         seq_lens.append(start + n)

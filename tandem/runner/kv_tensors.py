@@ -52,12 +52,18 @@ class KVTensors:
     def scatter(self, block_ids: Sequence[int], payload: torch.Tensor) -> None:
         """Write ``payload`` (as returned by ``gather``) into ``block_ids``."""
         if payload.shape[2] != len(block_ids) or payload.shape[3:] != self.data.shape[3:]:
-            raise ValueError(f"KV payload shape {tuple(payload.shape)} does not fit {len(block_ids)} blocks of {tuple(self.data.shape[3:])}")
+            raise ValueError(
+                f"KV payload shape {tuple(payload.shape)} does not fit {len(block_ids)} blocks of {tuple(self.data.shape[3:])}"
+            )
         idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
-        self.data.index_copy_(2, idx, payload.to(device=self.device, dtype=self.data.dtype, non_blocking=True))
+        self.data.index_copy_(
+            2, idx, payload.to(device=self.device, dtype=self.data.dtype, non_blocking=True)
+        )
 
 
-def copy_blocks(src: KVTensors, src_ids: Sequence[int], dst: KVTensors, dst_ids: Sequence[int]) -> None:
+def copy_blocks(
+    src: KVTensors, src_ids: Sequence[int], dst: KVTensors, dst_ids: Sequence[int]
+) -> None:
     """Copy blocks pairwise from one tier to another (or within one tier)."""
     if len(src_ids) != len(dst_ids):
         raise ValueError(f"copy of {len(src_ids)} blocks into {len(dst_ids)}")

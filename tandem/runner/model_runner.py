@@ -29,10 +29,18 @@ class ModelRunner:
         self.model = load_model(config.model, model_config, str(self.device), self.dtype)
         cache = config.cache
         self.block_size = cache.block_size
-        self.kv = KVTensors(model_config, cache.num_blocks, cache.block_size, self.dtype, self.device)
+        self.kv = KVTensors(
+            model_config, cache.num_blocks, cache.block_size, self.dtype, self.device
+        )
         self.host_kv = (
-            KVTensors(model_config, cache.num_host_blocks, cache.block_size, self.dtype, "cpu",
-                      pin_memory=self.device.type == "cuda")
+            KVTensors(
+                model_config,
+                cache.num_host_blocks,
+                cache.block_size,
+                self.dtype,
+                "cpu",
+                pin_memory=self.device.type == "cuda",
+            )
             if cache.num_host_blocks > 0
             else None
         )
@@ -50,8 +58,12 @@ class ModelRunner:
         out = RunnerOutput()
         if not sched.chunks:
             return out
-        inputs = prepare_inputs(sched, self.block_size, self.model_config.sliding_window, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv.layers(), inputs.meta, self.backend)
+        inputs = prepare_inputs(
+            sched, self.block_size, self.model_config.sliding_window, self.device
+        )
+        hidden = self.model(
+            inputs.input_ids, inputs.positions, self.kv.layers(), inputs.meta, self.backend
+        )
         if not inputs.sample_rows:
             return out
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [N, vocab] float32

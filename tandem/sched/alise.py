@@ -60,7 +60,9 @@ class ALISEPolicy(SchedulingPolicy):
 
     def remaining_time(self, request: Request) -> float:
         st = self._state.get(request.request_id)
-        predicted = st.predicted if st is not None else self.predictor.predict(request.prompt_token_ids)
+        predicted = (
+            st.predicted if st is not None else self.predictor.predict(request.prompt_token_ids)
+        )
         uncomputed_prompt = max(request.num_prompt_tokens - request.num_computed_tokens, 0)
         left = max(predicted - request.num_output_tokens, 1.0)
         prefill = self.cost.prefill_time(uncomputed_prompt) if uncomputed_prompt else 0.0

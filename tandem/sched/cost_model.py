@@ -33,16 +33,24 @@ class CostModel:
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if not (isinstance(value, (int, float)) and value >= 0.0):
-                raise ValueError(f"cost model coefficient {name} must be a number >= 0, got {value!r}")
+                raise ValueError(
+                    f"cost model coefficient {name} must be a number >= 0, got {value!r}"
+                )
 
     def prefill_time(self, num_tokens: int) -> float:
         n = float(num_tokens)
         return self.prefill_base + self.prefill_per_token * n + self.prefill_per_token_sq * n * n
 
     def decode_time(self, batch_size: int, total_context: int) -> float:
-        return self.decode_base + self.decode_per_seq * batch_size + self.decode_per_ctx_token * total_context
+        return (
+            self.decode_base
+            + self.decode_per_seq * batch_size
+            + self.decode_per_ctx_token * total_context
+        )
 
-    def iteration_time(self, prefill_chunks: Sequence[int], num_decodes: int, total_context: int) -> float:
+    def iteration_time(
+        self, prefill_chunks: Sequence[int], num_decodes: int, total_context: int
+    ) -> float:
         """One mixed iteration: prefill chunks (token counts) plus ``num_decodes`` decodes."""
         t = self.decode_base
         for n in prefill_chunks:

@@ -69,7 +69,11 @@ def _alise(**kw: Any) -> SchedulingPolicy:
     return ALISEPolicy(**kw)
 
 
-POLICIES: dict[str, Callable[..., SchedulingPolicy]] = {"fcfs": _fcfs, "mlfq": _mlfq, "alise": _alise}
+POLICIES: dict[str, Callable[..., SchedulingPolicy]] = {
+    "fcfs": _fcfs,
+    "mlfq": _mlfq,
+    "alise": _alise,
+}
 
 
 def make_policy(name: str, **options: Any) -> SchedulingPolicy:
@@ -77,5 +81,7 @@ def make_policy(name: str, **options: Any) -> SchedulingPolicy:
     try:
         factory = POLICIES[name]
     except KeyError:
-        raise ValueError(f"unknown policy {name!r}; available: {', '.join(sorted(POLICIES))}") from None
+        raise ValueError(
+            f"unknown policy {name!r}; available: {', '.join(sorted(POLICIES))}"
+        ) from None
     return factory() if name == "fcfs" else factory(**options)

@@ -53,7 +53,9 @@ class Scheduler:
     ) -> None:
         self.config = sched_config
         self.block_size = cache_config.block_size
-        self.device_kv = KVCacheManager(cache_config.num_blocks, cache_config.block_size, tier="device")
+        self.device_kv = KVCacheManager(
+            cache_config.num_blocks, cache_config.block_size, tier="device"
+        )
         self.host_kv = (
             KVCacheManager(cache_config.num_host_blocks, cache_config.block_size, tier="host")
             if cache_config.num_host_blocks > 0
@@ -124,7 +126,9 @@ class Scheduler:
         request = self.requests.pop(request_id)
         if request not in self.running:
             self.requests[request_id] = request
-            raise ValueError(f"request {request_id!r} is not running (status {request.status.value})")
+            raise ValueError(
+                f"request {request_id!r} is not running (status {request.status.value})"
+            )
         self.running.remove(request)
         self.policy.on_finish(request)
         return request
@@ -161,8 +165,12 @@ class Scheduler:
                 else:
                     n = self._chunk_len(req, budget)
                     partial = n < req.num_uncomputed_tokens
-                    if n <= 0 or (partial and not self.config.enable_chunked_prefill) or not self._make_room(
-                        req, req.num_computed_tokens + n, out, resident, rank
+                    if (
+                        n <= 0
+                        or (partial and not self.config.enable_chunked_prefill)
+                        or not self._make_room(
+                            req, req.num_computed_tokens + n, out, resident, rank
+                        )
                     ):
                         admitting = False
                         continue
@@ -184,7 +192,12 @@ class Scheduler:
         return out
 
     def _make_room(
-        self, req: Request, num_tokens: int, out: SchedulerOutput, resident: list[Request], rank: dict[str, int]
+        self,
+        req: Request,
+        num_tokens: int,
+        out: SchedulerOutput,
+        resident: list[Request],
+        rank: dict[str, int],
     ) -> bool:
         """Ensure ``req`` can hold ``num_tokens``, evicting only lower-priority residents."""
         while not self.device_kv.can_allocate(req.request_id, num_tokens):
@@ -260,7 +273,9 @@ class Scheduler:
         self.swapped.append(req)
         return True
 
-    def _swap_in(self, req: Request, out: SchedulerOutput, resident: list[Request], rank: dict[str, int]) -> bool:
+    def _swap_in(
+        self, req: Request, out: SchedulerOutput, resident: list[Request], rank: dict[str, int]
+    ) -> bool:
         assert self.host_kv is not None
         need = -(-req.num_computed_tokens // self.block_size)
         # Room for its blocks plus its next token, or it would be preempted at once; only

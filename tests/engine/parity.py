@@ -48,13 +48,18 @@ def compare(ref: Reference, got: list[int]) -> tuple[bool, str]:
         gap = float(top2.values[0] - top2.values[1])
         if gap < NEAR_TIE and b in top2.indices.tolist():
             return True, f"forgiven near-tie at step {i} (gap {gap:.2e})"
-        return False, f"diverged at step {i}: reference {a}, engine {b}, reference top-2 gap {gap:.3e}"
+        return (
+            False,
+            f"diverged at step {i}: reference {a}, engine {b}, reference top-2 gap {gap:.3e}",
+        )
     if len(ref.tokens) != len(got):
         return False, f"length differs: reference {len(ref.tokens)}, engine {len(got)}"
     return True, "identical"
 
 
-def mixed_prompts(vocab_size: int, n: int = 16, seed: int = 0, max_len: int = 500) -> list[list[int]]:
+def mixed_prompts(
+    vocab_size: int, n: int = 16, seed: int = 0, max_len: int = 500
+) -> list[list[int]]:
     """``n`` prompts of token ids with lengths spread from 1 to ``max_len``."""
     g = torch.Generator().manual_seed(seed)
     lengths = [1, max_len] + torch.randint(2, max_len, (n - 2,), generator=g).tolist()

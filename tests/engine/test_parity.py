@@ -27,7 +27,9 @@ def references(tiny_model_dirs):
 
     refs = {}
     for arch in ARCHS:
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch], dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_model_dirs[arch], dtype=torch.float32
+        ).eval()
         prompts = mixed_prompts(model.config.vocab_size, n=16, seed=1)
         refs[arch] = (prompts, [reference_greedy(model, p, NEW_TOKENS) for p in prompts])
     return refs
@@ -90,5 +92,8 @@ def test_greedy_parity_under_preemption(arch, mode, tiny_model_dirs, references)
     preempted_more_than_once = [r for r in reqs if r.num_preemptions >= 2]
     assert preempted_more_than_once, "no request was preempted and resumed several times"
     if mode == "swap":
-        assert engine.scheduler.num_swapped_out_blocks > 0 and engine.scheduler.num_swapped_in_blocks > 0
+        assert (
+            engine.scheduler.num_swapped_out_blocks > 0
+            and engine.scheduler.num_swapped_in_blocks > 0
+        )
     assert_parity(refs, reqs)

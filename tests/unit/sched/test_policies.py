@@ -11,11 +11,22 @@ from tandem.sched.mlfq import MLFQPolicy
 from tandem.sched.policy import make_policy
 from tandem.sched.predictor import OutputLengthPredictor
 
-COST = CostModel(prefill_base=0.0, prefill_per_token=0.001, prefill_per_token_sq=0.0, decode_base=0.01, decode_per_seq=0.0, decode_per_ctx_token=0.0)
+COST = CostModel(
+    prefill_base=0.0,
+    prefill_per_token=0.001,
+    prefill_per_token_sq=0.0,
+    decode_base=0.01,
+    decode_per_seq=0.0,
+    decode_per_ctx_token=0.0,
+)
 
 
-def req(rid: str, plen: int = 4, prio: int = 0, arrival: float = 0.0, max_tokens: int = 100) -> Request:
-    return Request(rid, list(range(1, plen + 1)), SamplingParams(max_tokens=max_tokens), arrival, priority=prio)
+def req(
+    rid: str, plen: int = 4, prio: int = 0, arrival: float = 0.0, max_tokens: int = 100
+) -> Request:
+    return Request(
+        rid, list(range(1, plen + 1)), SamplingParams(max_tokens=max_tokens), arrival, priority=prio
+    )
 
 
 def order(policy, reqs, now=0.0):
@@ -127,7 +138,10 @@ def test_predictor_prior_then_neighbours():
 def test_cost_model_fit_recovers_coefficients_and_round_trips(tmp_path):
     true = CostModel(0.002, 3e-5, 1e-9, 0.004, 2e-4, 5e-8)
     pre = [(n, true.prefill_time(n)) for n in (16, 64, 256, 1024, 4096)]
-    dec = [(b, c, true.decode_time(b, c)) for b, c in ((1, 100), (8, 4000), (32, 20000), (64, 60000), (4, 500))]
+    dec = [
+        (b, c, true.decode_time(b, c))
+        for b, c in ((1, 100), (8, 4000), (32, 20000), (64, 60000), (4, 500))
+    ]
     fit = CostModel.fit(pre, dec)
     for n in (32, 2000):
         assert fit.prefill_time(n) == pytest.approx(true.prefill_time(n), rel=1e-3)

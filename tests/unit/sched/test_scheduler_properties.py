@@ -69,7 +69,9 @@ def _policy(name: str, s_limit: float = 0.5):
     from tandem.sched.policy import make_policy
 
     # A tiny q0 and starvation limit so demotions and promotions really happen.
-    return make_policy(name, cost_model=CostModel(), q0=0.002, num_levels=4, starvation_limit=s_limit)
+    return make_policy(
+        name, cost_model=CostModel(), q0=0.002, num_levels=4, starvation_limit=s_limit
+    )
 
 
 @pytest.mark.parametrize("policy_name", POLICY_NAMES)
@@ -82,26 +84,41 @@ def _policy(name: str, s_limit: float = 0.5):
     host_blocks=st.sampled_from([0, 8, 64]),
     chunked=st.booleans(),
 )
-def test_random_workloads_finish_without_leaks(policy_name, reqs, budget, max_seqs, num_blocks, host_blocks, chunked):
+def test_random_workloads_finish_without_leaks(
+    policy_name, reqs, budget, max_seqs, num_blocks, host_blocks, chunked
+):
     mode = "swap" if host_blocks else "recompute"
     if not chunked:
         budget = max(budget, 80)  # prompt + output must fit the budget (recompute)
     clock = [0.0]
     policy = _policy(policy_name)
     s = Scheduler(
-        SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, enable_chunked_prefill=chunked, preemption_mode=mode),
+        SchedulerConfig(
+            max_num_seqs=max_seqs,
+            max_num_batched_tokens=budget,
+            enable_chunked_prefill=chunked,
+            preemption_mode=mode,
+        ),
         CacheConfig(block_size=BLOCK, num_blocks=num_blocks, num_host_blocks=host_blocks),
         policy=policy,
         clock=lambda: clock[0],
     )
-    pending = sorted(((arr, i, plen, mt, prio) for i, (plen, mt, prio, arr) in enumerate(reqs)), reverse=True)
+    pending = sorted(
+        ((arr, i, plen, mt, prio) for i, (plen, mt, prio, arr) in enumerate(reqs)), reverse=True
+    )
     finished: set[str] = set()
     levels: dict[str, int] = {}
     for it in range(5000):
         while pending and pending[-1][0] <= it:
             _, i, plen, max_tokens, prio = pending.pop()
             s.add_request(
-                Request(f"r{i}", [1 + i] * plen, SamplingParams(max_tokens=max_tokens, ignore_eos=True), arrival_time=clock[0], priority=prio)
+                Request(
+                    f"r{i}",
+                    [1 + i] * plen,
+                    SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                    arrival_time=clock[0],
+                    priority=prio,
+                )
             )
         if not s.requests and not pending:
             break
@@ -110,13 +127,17 @@ def test_random_workloads_finish_without_leaks(policy_name, reqs, budget, max_se
             _check_levels(policy, s, levels, allowed=lambda old: (old, 0))
         assert out.num_batched_tokens <= budget
         assert len(out.chunks) <= max_seqs
-        assert len({c.request.request_id for c in out.chunks}) == len(out.chunks), "a request scheduled twice"
+        assert len({c.request.request_id for c in out.chunks}) == len(out.chunks), (
+            "a request scheduled twice"
+        )
         scheduled = {c.request.request_id for c in out.chunks}
         for c in out.chunks:
             assert len(c.block_table) * BLOCK >= c.start_pos + c.num_tokens
             assert c.start_pos == c.request.num_computed_tokens
             if not c.sample and budget >= BLOCK:
-                assert (c.start_pos + c.num_tokens) % BLOCK == 0, "a partial prefill chunk is not block aligned"
+                assert (c.start_pos + c.num_tokens) % BLOCK == 0, (
+                    "a partial prefill chunk is not block aligned"
+                )
         if num_blocks >= 60 and not host_blocks:
             # Priority classes: a better class is skipped only when its chunk did not fit.
             worst = max((c.request.priority for c in out.chunks), default=None)
@@ -146,15 +167,24 @@ def test_outputs_are_deterministic_under_preemption():
 
     def run(num_blocks: int) -> dict[str, list[int]]:
         s = Scheduler(
-            SchedulerConfig(max_num_batched_tokens=16, policy="fcfs"), CacheConfig(block_size=BLOCK, num_blocks=num_blocks), clock=lambda: 0.0
+            SchedulerConfig(max_num_batched_tokens=16, policy="fcfs"),
+            CacheConfig(block_size=BLOCK, num_blocks=num_blocks),
+            clock=lambda: 0.0,
         )
-        reqs = [Request(f"r{i}", [1] * (5 + 3 * i), SamplingParams(max_tokens=30, ignore_eos=True), float(i)) for i in range(6)]
+        reqs = [
+            Request(
+                f"r{i}", [1] * (5 + 3 * i), SamplingParams(max_tokens=30, ignore_eos=True), float(i)
+            )
+            for i in range(6)
+        ]
         for r in reqs:
             s.add_request(r)
         while s.requests:
             out = s.schedule()
             s.update_from_output(out, _fake_run(out))
-        return {r.request_id: r.output_token_ids for r in reqs}, sum(r.num_preemptions for r in reqs)
+        return {r.request_id: r.output_token_ids for r in reqs}, sum(
+            r.num_preemptions for r in reqs
+        )
 
     roomy, n0 = run(200)
     tight, n1 = run(13)
@@ -173,7 +203,11 @@ def test_request_that_can_never_fit_is_refused():
 
 
 def test_priority_class_runs_first():
-    s = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, policy="fcfs"), CacheConfig(block_size=BLOCK, num_blocks=64), clock=lambda: 0.0)
+    s = Scheduler(
+        SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, policy="fcfs"),
+        CacheConfig(block_size=BLOCK, num_blocks=64),
+        clock=lambda: 0.0,
+    )
     s.add_request(Request("low", [1] * 8, SamplingParams(max_tokens=2), 0.0, priority=1))
     s.add_request(Request("high", [1] * 8, SamplingParams(max_tokens=2), 1.0, priority=0))
     out = s.schedule()
@@ -187,7 +221,9 @@ def test_abort_frees_blocks_in_every_state():
         clock=lambda: 0.0,
     )
     for i in range(4):
-        s.add_request(Request(f"r{i}", [1] * 12, SamplingParams(max_tokens=40, ignore_eos=True), float(i)))
+        s.add_request(
+            Request(f"r{i}", [1] * 12, SamplingParams(max_tokens=40, ignore_eos=True), float(i))
+        )
     for _ in range(10):
         out = s.schedule()
         s.update_from_output(out, _fake_run(out))
