@@ -45,6 +45,9 @@ class LLM:
         policy: str = "mlfq",
         preemption_mode: str | None = None,
         max_model_len: int | None = None,
+        cost_model: str | None = None,
+        mlfq_q0: float | None = None,
+        starvation_limit: float = 60.0,
     ) -> None:
         if model is None:
             from tandem.tinymodel import default_model_dir
@@ -68,7 +71,10 @@ class LLM:
                 policy=policy,
                 preemption_mode=preemption_mode or ("swap" if host_kv_blocks > 0 else "recompute"),
                 max_model_len=max_model_len,
+                mlfq_q0=mlfq_q0,
+                starvation_limit=starvation_limit,
             ),
+            cost_model_path=cost_model,
         )
         self.tokenizer = load_tokenizer(model)
         self.engine = LLMEngine(self.config, tokenizer=self.tokenizer)

@@ -28,6 +28,7 @@ from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.outputs import RequestOutput
 from tandem.request import Request, RequestStatus, SamplingParams
 from tandem.runner.model_runner import ModelRunner
+from tandem.sched.cost_model import CostModel
 from tandem.sched.scheduler import Scheduler
 
 
@@ -59,8 +60,11 @@ class LLMEngine:
                 f"{self.model_config.max_position_embeddings}"
             )
         self.config = replace(config, scheduler=replace(config.scheduler, max_model_len=max_len))
-        self.scheduler = Scheduler(self.config.scheduler, self.config.cache)
         self.runner = ModelRunner(self.config, self.model_config)
+        self.cost_model = self._cost_model()
+        self.scheduler = Scheduler(
+            self.config.scheduler, self.config.cache, cost_model=self.cost_model
+        )
         self.tokenizer = tokenizer
         self.outputs = OutputProcessor(tokenizer, self.scheduler.finish)
         self.compat_hash = kv_compat_hash(
@@ -68,6 +72,16 @@ class LLMEngine:
         )
         self._ids = itertools.count()
         self.num_iterations = 0
+
+    def _cost_model(self) -> CostModel:
+        if self.config.cost_model_path is not None:
+            return CostModel.load(self.config.cost_model_path)
+        if self.config.scheduler.policy == "fcfs":
+            return CostModel()  # fcfs never consults it
+        from tandem.runner.profile import profile_cost_model
+
+        sched = self.config.scheduler
+        return profile_cost_model(self.runner, sched.max_num_batched_tokens, sched.max_num_seqs)
 
     # ------------------------------------------------------------------ requests
     def add_request(
