@@ -2,6 +2,7 @@
 
 Subcommands:
   make-tiny-model DIR   write the small bundled test model (random weights, local tokenizer)
+  profile-cost-model F  profile the iteration cost model on this machine, write it to F
   generate PROMPT ...   offline generation with the engine (default: the bundled model, CPU)
 
 Errors in arguments exit with status 2 and a message naming the flag; no tracebacks.
@@ -41,6 +42,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="scheduling policy (default: mlfq)",
     )
     p.add_argument("--max-model-len", type=int, default=None, help="max prompt + output tokens")
+    p.add_argument(
+        "--cost-model", default=None, help="cost model JSON (default: profile at start-up)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch", default="llama", help="llama | mistral | qwen2 | qwen3 (default: llama)"
     )
     p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+
+    p = sub.add_parser(
+        "profile-cost-model", help="profile prefill/decode times on this machine, write JSON"
+    )
+    p.add_argument("out", help="output JSON file (use with --cost-model)")
+    _add_engine_args(p)
 
     p = sub.add_parser("generate", help="offline generation (no server)")
     p.add_argument("prompts", nargs="+", help="prompt strings; all run together in one batch")
@@ -75,6 +85,42 @@ def _make_tiny_model(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     return 0
 
 
+def _build_llm(args: argparse.Namespace, parser: argparse.ArgumentParser, **overrides):
+    from tandem.engine.llm import LLM
+
+    options = dict(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        block_size=args.block_size,
+        kv_blocks=args.kv_blocks,
+        host_kv_blocks=args.host_kv_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=not args.no_chunked_prefill,
+        policy=args.policy,
+        max_model_len=args.max_model_len,
+        cost_model=args.cost_model,
+    )
+    options.update(overrides)
+    try:
+        return LLM(**options)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+
+
+def _profile_cost_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from tandem.runner.profile import profile_cost_model
+
+    llm = _build_llm(args, parser, policy="fcfs", cost_model=None)
+    sched = llm.config.scheduler
+    cost = profile_cost_model(llm.engine.runner, sched.max_num_batched_tokens, sched.max_num_seqs)
+    cost.save(args.out)
+    print(f"wrote {args.out}: {cost}")
+    return 0
+
+
 def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from tandem.request import SamplingParams
 
@@ -91,25 +137,7 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for field in ("max_tokens", "temperature", "top_p", "top_k"):
             message = message.replace(field, "--" + field.replace("_", "-"))
         parser.error(message)
-    from tandem.engine.llm import LLM
-
-    try:
-        llm = LLM(
-            model=args.model,
-            device=args.device,
-            dtype=args.dtype,
-            seed=args.seed,
-            block_size=args.block_size,
-            kv_blocks=args.kv_blocks,
-            host_kv_blocks=args.host_kv_blocks,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            enable_chunked_prefill=not args.no_chunked_prefill,
-            policy=args.policy,
-            max_model_len=args.max_model_len,
-        )
-    except (ValueError, OSError) as e:
-        parser.error(str(e))
+    llm = _build_llm(args, parser)
     start = time.perf_counter()
     outputs = llm.generate(args.prompts, params)
     elapsed = time.perf_counter() - start
@@ -127,7 +155,11 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"make-tiny-model": _make_tiny_model, "generate": _generate}
+    handlers = {
+        "make-tiny-model": _make_tiny_model,
+        "profile-cost-model": _profile_cost_model,
+        "generate": _generate,
+    }
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
     return handlers[args.command](args, sub_parser)
 
