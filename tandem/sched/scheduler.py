@@ -151,9 +151,20 @@ class Scheduler:
         resident = [r for r in order if r.status is RequestStatus.RUNNING]
         picked = 0
         admitting = True  # cleared when a non-resident request does not fit (FIFO head)
+        # Stall-free (Sarathi-Serve): a prefill chunk leaves one token of budget for every
+        # decode-ready request behind it that can still get a batch slot, so decodes never
+        # wait for a prefill; priority still decides who gets the slots.
+        decodes_behind = sum(1 for r in resident if r.num_uncomputed_tokens == 1)
         for req in order:
+            is_decode = req.status is RequestStatus.RUNNING and req.num_uncomputed_tokens == 1
+            if is_decode:
+                decodes_behind -= 1
             if budget <= 0 or picked >= self.config.max_num_seqs:
                 break
+            reserve = 0 if is_decode else min(decodes_behind, self.config.max_num_seqs - picked - 1)
+            avail = budget - reserve
+            if avail <= 0:
+                continue
             if req.status is not RequestStatus.RUNNING:
                 if not admitting:
                     continue
@@ -163,14 +174,12 @@ class Scheduler:
                         admitting = False
                         continue
                 else:
-                    n = self._chunk_len(req, budget)
+                    n = self._chunk_len(req, avail)
+                    if n <= 0:
+                        continue  # no budget left for it this iteration; not a memory stall
                     partial = n < req.num_uncomputed_tokens
-                    if (
-                        n <= 0
-                        or (partial and not self.config.enable_chunked_prefill)
-                        or not self._make_room(
-                            req, req.num_computed_tokens + n, out, resident, rank
-                        )
+                    if (partial and not self.config.enable_chunked_prefill) or not self._make_room(
+                        req, req.num_computed_tokens + n, out, resident, rank
                     ):
                         admitting = False
                         continue
@@ -178,7 +187,7 @@ class Scheduler:
                     req.status = RequestStatus.RUNNING
                     self.running.append(req)
                     resident.insert(0, req)  # never its own victim list entry below it
-            n = self._chunk_len(req, budget)
+            n = self._chunk_len(req, avail)
             if n <= 0:
                 continue
             if not self._make_room(req, req.num_computed_tokens + n, out, resident, rank):

@@ -232,3 +232,26 @@ def test_abort_frees_blocks_in_every_state():
     assert s.abort("r0") is None  # idempotent
     assert s.device_kv.num_free_blocks == 16 and s.host_kv.num_free_blocks == 16
     assert s.device_kv.audit().ok and s.host_kv.audit().ok
+
+
+@pytest.mark.parametrize("policy_name", POLICY_NAMES)
+def test_decodes_never_stall_behind_a_higher_priority_prefill(policy_name):
+    """Sarathi-Serve: a long prefill is chunked around running decodes, whatever the order."""
+    s = Scheduler(
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, policy=policy_name),
+        CacheConfig(block_size=BLOCK, num_blocks=256),
+        clock=lambda: 0.0,
+    )
+    s.add_request(Request("dec", [1] * 4, SamplingParams(max_tokens=100, ignore_eos=True), 0.0, priority=1))
+    out = s.schedule()
+    s.update_from_output(out, _fake_run(out))
+    s.add_request(Request("big", [2] * 400, SamplingParams(max_tokens=5, ignore_eos=True), 1.0, priority=0))
+    prefill_iterations = 0
+    while s.requests["big"].num_computed_tokens < 400:
+        out = s.schedule()
+        ids = [c.request.request_id for c in out.chunks]
+        assert "dec" in ids, "the decode stalled behind the prefill"
+        assert out.num_batched_tokens <= 32
+        s.update_from_output(out, _fake_run(out))
+        prefill_iterations += 1
+    assert prefill_iterations >= 400 // 32  # the prefill really was chunked
