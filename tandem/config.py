@@ -95,6 +95,11 @@ class ModelConfig:
         )
 
     @property
+    def o_proj_bias(self) -> bool:
+        """HF puts ``attention_bias`` on o_proj too, except Qwen2 (q/k/v only)."""
+        return self.attention_bias and self.architecture != "Qwen2ForCausalLM"
+
+    @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 

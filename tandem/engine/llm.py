@@ -125,7 +125,12 @@ class LLM:
             for rid in order:
                 self.engine.abort_request(rid)
             raise
-        return [r for r in results if r is not None]
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            raise RuntimeError(
+                f"engine finished without results for prompts {missing[:10]} (a bug)"
+            )
+        return results  # type: ignore[return-value]
 
 
 def _auto_kv_blocks(model: str, dtype: str, block_size: int) -> int:

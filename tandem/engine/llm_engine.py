@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -44,6 +44,9 @@ class ExportedRequest:
     num_computed_tokens: int
     compat_hash: str
     payload: torch.Tensor
+    policy_state: dict[str, Any] = field(default_factory=dict)
+    # (IncrementalDetokenizer, text so far): in-process moves carry the object itself.
+    output_state: tuple[Any, str] | None = None
 
 
 class KVCompatibilityError(ValueError):
@@ -137,18 +140,18 @@ class LLMEngine:
             state = "unknown" if req is None else req.status.value
             raise ValueError(f"can only export a running request; {request_id!r} is {state}")
         n = req.num_computed_tokens
-        self.scheduler.detach(request_id)
+        policy_state = self.scheduler.policy.describe(req)
         kv = self.scheduler.device_kv
         export = kv.export(request_id, n)
         try:
             payload = self.runner.gather_blocks(list(export.block_ids))
         except BaseException:
             kv.restore_export(export)
-            self.scheduler.add_running(req)
             raise
+        self.scheduler.detach(request_id)
         kv.release_export(export)
-        self.outputs.forget(request_id)
-        return ExportedRequest(req, n, self.compat_hash, payload)
+        output_state = self.outputs.export_state(request_id)
+        return ExportedRequest(req, n, self.compat_hash, payload, policy_state, output_state)
 
     def import_request(self, exported: ExportedRequest) -> Request:
         """Adopt an exported request; it continues exactly where it stopped."""
@@ -158,6 +161,7 @@ class LLMEngine:
                 "(model, dtype, block size, KV heads, head dim or layers differ)"
             )
         req = exported.request
+        self.scheduler.check_admissible(req)  # duplicate id, limits: before any block moves
         kv = self.scheduler.device_kv
         block_ids = kv.reserve_import(req.request_id, exported.num_computed_tokens)
         try:
@@ -167,6 +171,6 @@ class LLMEngine:
             raise
         kv.commit_import(req.request_id)
         req.num_computed_tokens = exported.num_computed_tokens
-        self.scheduler.add_running(req)
-        self.outputs.add(req, context_token_ids=req.all_token_ids)
+        self.scheduler.add_running(req, exported.policy_state)
+        self.outputs.import_state(req, exported.output_state)
         return req

@@ -64,7 +64,10 @@ class OutputProcessor:
                     req.stop_reason = update.stop_string
                     finished = True
                 elif update.stop_string is not None:
+                    # The last allowed token also completed a stop string: the text is cut
+                    # there, so the reason reported is the stop string (as vLLM does).
                     req.stop_reason = update.stop_string
+                    req.status = RequestStatus.FINISHED_STOPPED
                 if finished and update.stop_string is None:
                     delta += detok.flush()
             self._text[rid] = self._text.get(rid, "") + delta
@@ -72,9 +75,25 @@ class OutputProcessor:
         return outputs
 
     def forget(self, request_id: str) -> None:
-        """Stop tracking a request that left this engine (export)."""
+        """Stop tracking a request that left this engine."""
         self._detok.pop(request_id, None)
         self._text.pop(request_id, None)
+
+    def export_state(self, request_id: str) -> tuple[Any, str]:
+        """Hand over a request's detokenizer (with any held-back text) and its text so far.
+
+        Moving the detokenizer itself keeps the stream exact across engines: text held back
+        for a partial character or a possible stop string is neither lost nor repeated.
+        """
+        state = (self._detok.pop(request_id, None), self._text.pop(request_id, ""))
+        return state
+
+    def import_state(self, request: Request, state: tuple[Any, str] | None) -> None:
+        """Track an imported request, continuing its detokenizer if one came with it."""
+        if state is None or state[0] is None:
+            self.add(request, context_token_ids=request.all_token_ids)
+            return
+        self._detok[request.request_id], self._text[request.request_id] = state
 
     def abort(self, request: Request) -> RequestOutput:
         return self._output(request, [], "", True)

@@ -56,9 +56,11 @@ class KVTensors:
                 f"KV payload shape {tuple(payload.shape)} does not fit {len(block_ids)} blocks of {tuple(self.data.shape[3:])}"
             )
         idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
-        self.data.index_copy_(
-            2, idx, payload.to(device=self.device, dtype=self.data.dtype, non_blocking=True)
-        )
+        # A non-blocking copy into CPU memory may still be in flight when the CPU reads it,
+        # so only device-bound copies are asynchronous (the stream orders those).
+        async_ok = self.device.type != "cpu"
+        moved = payload.to(device=self.device, dtype=self.data.dtype, non_blocking=async_ok)
+        self.data.index_copy_(2, idx, moved)
 
 
 def copy_blocks(

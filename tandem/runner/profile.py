@@ -54,7 +54,13 @@ def profile_cost_model(
                     runner, SchedulerOutput(chunks=[_chunk("p", 0, n, list(range(-(-n // bs))))])
                 ),
             )
-            for n in (1, max(2, max_batched_tokens // 2), max_batched_tokens)
+            for n in sorted(
+                {
+                    1,
+                    max(2, min(max_batched_tokens, cap_tokens) // 2),
+                    min(max_batched_tokens, cap_tokens),
+                }
+            )
         ]
     decode = []
     for batch in (1, 4, 16, 64):

@@ -98,3 +98,8 @@ class ALISEPolicy(SchedulingPolicy):
     def describe(self, request: Request) -> dict[str, Any]:
         st = self._state.get(request.request_id)
         return {} if st is None else {"predicted_output": st.predicted}
+
+    def restore(self, request: Request, state: dict[str, Any], now: float) -> None:
+        st = self._state.get(request.request_id)
+        if st is not None and "predicted_output" in state:
+            st.predicted = max(float(state["predicted_output"]), 1.0)

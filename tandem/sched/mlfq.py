@@ -48,9 +48,10 @@ class MLFQPolicy(SchedulingPolicy):
         skip_join: bool = True,
     ) -> None:
         self.cost = cost_model or CostModel()
-        # Default q0: about four decode steps at batch 1 — short answers finish in queue 0
-        # or 1, long ones sink after a few quanta.
-        self.q0 = q0 if q0 is not None else 4 * self.cost.decode_time(1, 0)
+        # Default q0: about four decode steps at batch 1 (512-token context) — short answers
+        # finish in queue 0 or 1, long ones sink after a few quanta. Floored at 1 ms so a
+        # noisy profile (coefficients clipped to 0) cannot make it degenerate.
+        self.q0 = q0 if q0 is not None else max(4 * self.cost.decode_time(1, 512), 1e-3)
         if self.q0 <= 0 or num_levels < 1 or starvation_limit <= 0:
             raise ValueError("mlfq needs q0 > 0, num_levels >= 1 and starvation_limit > 0")
         self.num_levels = num_levels
@@ -116,3 +117,9 @@ class MLFQPolicy(SchedulingPolicy):
     def describe(self, request: Request) -> dict[str, Any]:
         st = self._state.get(request.request_id)
         return {} if st is None else {"level": st.level, "service": st.service}
+
+    def restore(self, request: Request, state: dict[str, Any], now: float) -> None:
+        st = self._state.get(request.request_id)
+        if st is not None and "level" in state:
+            st.level = min(max(int(state["level"]), 0), self.num_levels - 1)
+            st.service = float(state.get("service", 0.0))

@@ -50,6 +50,9 @@ class SchedulingPolicy(abc.ABC):
         """Policy state of one request, for metrics and migration (JSON-able)."""
         return {}
 
+    def restore(self, request: Request, state: dict[str, Any], now: float) -> None:  # noqa: B027
+        """Adopt ``describe()`` output from another instance (after ``on_arrival``)."""
+
 
 def _fcfs() -> SchedulingPolicy:
     from tandem.sched.fcfs import FCFSPolicy

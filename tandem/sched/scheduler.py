@@ -84,6 +84,14 @@ class Scheduler:
     # ------------------------------------------------------------------ admission
     def add_request(self, request: Request) -> None:
         """Queue a request. Raises ValueError if it can never fit this engine."""
+        self.check_admissible(request)
+        self.requests[request.request_id] = request
+        request.status = RequestStatus.WAITING
+        self.policy.on_arrival(request, self.clock())
+        self.waiting.append(request)
+
+    def check_admissible(self, request: Request) -> None:
+        """Raise ValueError if ``request`` is a duplicate or could never fit this engine."""
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         need = request.num_prompt_tokens + request.sampling_params.max_tokens
@@ -105,20 +113,21 @@ class Scheduler:
                 f"request needs {blocks} KV blocks ({need} tokens) but the cache has only "
                 f"{self.device_kv.pool.num_blocks}; lower max_tokens or raise --kv-blocks"
             )
-        self.requests[request.request_id] = request
-        request.status = RequestStatus.WAITING
-        self.policy.on_arrival(request, self.clock())
-        self.waiting.append(request)
 
-    def add_running(self, request: Request) -> None:
-        """Adopt a request whose K/V already sit in this engine's device blocks (import)."""
-        if request.request_id in self.requests:
-            raise ValueError(f"duplicate request id {request.request_id!r}")
+    def add_running(self, request: Request, policy_state: dict | None = None) -> None:
+        """Adopt a request whose K/V already sit in this engine's device blocks (import).
+
+        ``policy_state`` is the source policy's ``describe()`` of it: the priority travels
+        with the request (its MLFQ queue and service, its ALISE prediction).
+        """
+        self.check_admissible(request)
         if not self.device_kv.has(request.request_id):
             raise ValueError(f"request {request.request_id!r} has no imported blocks")
         self.requests[request.request_id] = request
         request.status = RequestStatus.RUNNING
         self.policy.on_arrival(request, self.clock())
+        if policy_state:
+            self.policy.restore(request, policy_state, self.clock())
         self.running.append(request)
 
     def detach(self, request_id: str) -> Request:
@@ -151,11 +160,14 @@ class Scheduler:
         resident = [r for r in order if r.status is RequestStatus.RUNNING]
         picked = 0
         admitting = True  # cleared when a non-resident request does not fit (FIFO head)
+        evicted: set[str] = set()  # preempted in this call: not re-admitted in it
         # Stall-free (Sarathi-Serve): a prefill chunk leaves one token of budget for every
         # decode-ready request behind it that can still get a batch slot, so decodes never
         # wait for a prefill; priority still decides who gets the slots.
         decodes_behind = sum(1 for r in resident if r.num_uncomputed_tokens == 1)
         for req in order:
+            if req.request_id in evicted:
+                continue
             is_decode = req.status is RequestStatus.RUNNING and req.num_uncomputed_tokens == 1
             if is_decode:
                 decodes_behind -= 1
@@ -165,57 +177,81 @@ class Scheduler:
             avail = budget - reserve
             if avail <= 0:
                 continue
-            if req.status is not RequestStatus.RUNNING:
-                if not admitting:
+            n = self._chunk_len(req, avail)
+            if n <= 0:
+                continue  # no budget left for it this iteration; not a memory stall
+            if req.status is RequestStatus.SWAPPED:
+                # Never swap in during an iteration that swapped out (no ping-pong), and
+                # only into free blocks, with room for the chunk it will run right away.
+                if (
+                    not admitting
+                    or out.swap_out
+                    or not self.device_kv.can_allocate(req.request_id, req.num_computed_tokens + n)
+                ):
+                    admitting = False
                     continue
-                if req.status is RequestStatus.SWAPPED:
-                    # Never swap in during an iteration that swapped out (no ping-pong).
-                    if out.swap_out or not self._swap_in(req, out, resident, rank):
-                        admitting = False
-                        continue
-                else:
-                    n = self._chunk_len(req, avail)
-                    if n <= 0:
-                        continue  # no budget left for it this iteration; not a memory stall
+                self._swap_in(req, out)
+                resident.insert(0, req)
+            else:
+                if req.status is not RequestStatus.RUNNING and not admitting:
+                    continue
+                n, victims = self._room_for(req, n, resident, rank)
+                for v in victims:
+                    resident.remove(v)
+                    evicted.add(v.request_id)
+                    if v.num_uncomputed_tokens == 1:
+                        decodes_behind -= 1
+                    self._preempt(v, out)
+                if req.status is not RequestStatus.RUNNING:  # waiting: admit or stop admitting
                     partial = n < req.num_uncomputed_tokens
-                    if (partial and not self.config.enable_chunked_prefill) or not self._make_room(
-                        req, req.num_computed_tokens + n, out, resident, rank
-                    ):
+                    if n <= 0 or (partial and not self.config.enable_chunked_prefill):
                         admitting = False
                         continue
                     self.waiting.remove(req)
                     req.status = RequestStatus.RUNNING
                     self.running.append(req)
-                    resident.insert(0, req)  # never its own victim list entry below it
-            n = self._chunk_len(req, avail)
-            if n <= 0:
-                continue
-            if not self._make_room(req, req.num_computed_tokens + n, out, resident, rank):
-                # Nothing below it to evict: it gives up its own blocks.
-                self._preempt(req, out)
-                resident.remove(req)
-                continue
+                    resident.insert(0, req)
+                elif n <= 0:
+                    # Nothing below it to evict and no room at all: it gives up its blocks.
+                    self._preempt(req, out)
+                    resident.remove(req)
+                    continue
             self._add_chunk(req, n, out)
             picked += 1
             budget -= n
         return out
 
-    def _make_room(
-        self,
-        req: Request,
-        num_tokens: int,
-        out: SchedulerOutput,
-        resident: list[Request],
-        rank: dict[str, int],
-    ) -> bool:
-        """Ensure ``req`` can hold ``num_tokens``, evicting only lower-priority residents."""
-        while not self.device_kv.can_allocate(req.request_id, num_tokens):
-            victim = resident[-1] if resident else None
-            if victim is None or victim is req or rank[victim.request_id] <= rank[req.request_id]:
-                return False
-            resident.pop()
-            self._preempt(victim, out)
-        return True
+    def _room_for(
+        self, req: Request, n: int, resident: list[Request], rank: dict[str, int]
+    ) -> tuple[int, list[Request]]:
+        """How many of ``n`` tokens ``req`` can compute now, and whom to evict for it.
+
+        Evicts only residents ranked below ``req``, and only if evicting them actually
+        makes room for the whole chunk (a futile eviction would throw away their KV for
+        nothing). Failing that, a prefill chunk shrinks to the free blocks, block aligned.
+        Returns (0, []) if not even one token fits.
+        """
+        rid = req.request_id
+        target = req.num_computed_tokens + n
+        if self.device_kv.can_allocate(rid, target):
+            return n, []
+        short = self.device_kv.blocks_needed(rid, target) - self.device_kv.num_free_blocks
+        victims: list[Request] = []
+        for victim in reversed(resident):
+            if short <= 0 or victim is req or rank[victim.request_id] <= rank[rid]:
+                break
+            victims.append(victim)
+            short -= len(self.device_kv.block_table(victim.request_id))
+        if short <= 0:
+            return n, victims
+        room = (
+            len(self.device_kv.block_table(rid)) + self.device_kv.num_free_blocks
+        ) * self.block_size
+        fit = min(n, room - req.num_computed_tokens)
+        if fit < n and fit > 0 and req.num_computed_tokens + fit < req.num_tokens:
+            end = (req.num_computed_tokens + fit) // self.block_size * self.block_size
+            fit = end - req.num_computed_tokens
+        return (fit, []) if fit > 0 else (0, [])
 
     def _chunk_len(self, req: Request, budget: int) -> int:
         """Tokens to compute for ``req`` now: all that remain, or a block-aligned chunk."""
@@ -282,29 +318,20 @@ class Scheduler:
         self.swapped.append(req)
         return True
 
-    def _swap_in(
-        self, req: Request, out: SchedulerOutput, resident: list[Request], rank: dict[str, int]
-    ) -> bool:
+    def _swap_in(self, req: Request, out: SchedulerOutput) -> None:
+        """Bring a swapped request's blocks back; the caller checked there is room."""
         assert self.host_kv is not None
-        need = -(-req.num_computed_tokens // self.block_size)
-        # Room for its blocks plus its next token, or it would be preempted at once; only
-        # free blocks are used (evicting others to swap this one in would ping-pong).
-        if not self.device_kv.can_allocate(req.request_id, req.num_computed_tokens, reserve=1):
-            return False
         export = self.host_kv.export(req.request_id, req.num_computed_tokens)
         dst = self.device_kv.reserve_import(req.request_id, req.num_computed_tokens)
-        assert len(dst) == need
         out.swap_in.append(BlockCopy("host", export.block_ids, tuple(dst)))
         self.device_kv.commit_import(req.request_id)
-        # Host blocks may be reused at once: a later swap-out that overwrites them is
-        # copied by the runner only in a later iteration, after this swap-in.
+        # Host blocks may be reused at once: swap-ins and swap-outs never share an
+        # iteration, so nothing overwrites them before the runner copies them.
         self.host_kv.release_export(export)
-        self.num_swapped_in_blocks += need
+        self.num_swapped_in_blocks += len(dst)
         self.swapped.remove(req)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
-        resident.insert(0, req)
-        return True
 
     # ------------------------------------------------------------------ feedback
     def update_from_output(

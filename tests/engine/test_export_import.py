@@ -81,3 +81,52 @@ def test_export_of_non_running_request_is_refused(tiny_model_dirs):
         engine.export_request(req.request_id)
     with pytest.raises(ValueError, match="can only export"):
         engine.export_request("nope")
+
+
+def test_stream_text_and_policy_state_survive_the_move(tiny_model_dirs):
+    """Deltas streamed by the source, then by the destination, add up to the baseline text;
+    the request keeps its MLFQ queue; a duplicate id is refused before blocks move."""
+    from tandem.engine.llm import load_tokenizer
+
+    model_dir = tiny_model_dirs["llama"]
+    tok = load_tokenizer(model_dir)
+
+    def engine():
+        return LLMEngine(
+            EngineConfig(
+                model=str(model_dir),
+                cache=CacheConfig(block_size=16, num_blocks=256),
+                scheduler=SchedulerConfig(max_num_batched_tokens=64, policy="mlfq"),
+            ),
+            tokenizer=tok,
+        )
+
+    prompt = tok("Once upon a time, 日本語 and café").input_ids
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    base = engine()
+    base.add_request(prompt, params, "r")
+    final = None
+    while base.has_unfinished_requests():
+        for o in base.step():
+            final = o
+    src, dst = engine(), engine()
+    src.add_request(prompt, params, "r")
+    streamed = ""
+    for _ in range(12):
+        streamed += "".join(o.delta_text for o in src.step())
+    level = src.scheduler.policy.level_of("r")
+    exported = src.export_request("r")
+    blocker = dst.add_request([1, 2, 3], SamplingParams(max_tokens=2), "r")  # same id
+    with pytest.raises(ValueError, match="duplicate request id"):
+        dst.import_request(exported)
+    assert dst.scheduler.device_kv.audit().ok and not dst.scheduler.device_kv.block_table("r")
+    dst.abort_request(blocker.request_id)
+    dst.import_request(exported)
+    assert dst.scheduler.policy.level_of("r") == level
+    last = None
+    while dst.has_unfinished_requests():
+        for o in dst.step():
+            streamed += o.delta_text
+            last = o
+    assert last.token_ids == final.token_ids
+    assert streamed == final.text == last.text
