@@ -4,6 +4,9 @@ Subcommands:
   make-tiny-model DIR   write the small bundled test model (random weights, local tokenizer)
   profile-cost-model F  profile the iteration cost model on this machine, write it to F
   generate PROMPT ...   offline generation with the engine (default: the bundled model, CPU)
+  serve                 the whole stack on this machine: router (HTTP) + a colocated worker
+  router                the HTTP front end alone (--worker HOST:PORT ...)
+  decode-worker         one worker process (--colocated: it also runs prefill)
 
 Errors in arguments exit with status 2 and a message naming the flag; no tracebacks.
 """
@@ -47,6 +50,24 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_http_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument(
+        "--served-model-name", default=None, help="model name in the API (default: folder name)"
+    )
+    p.add_argument("--max-in-flight", type=int, default=4096, help="requests in flight before 429")
+    p.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds before a request fails (504)"
+    )
+
+
+_ENGINE_FLAGS = (
+    "model", "device", "dtype", "seed", "block_size", "kv_blocks", "host_kv_blocks", "max_num_seqs",
+    "max_num_batched_tokens", "policy", "max_model_len", "cost_model",
+)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +84,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("out", help="output JSON file (use with --cost-model)")
     _add_engine_args(p)
+
+    p = sub.add_parser("serve", help="serve the OpenAI API: router + a colocated worker")
+    _add_engine_args(p)
+    _add_http_args(p)
+    p.add_argument(
+        "--worker-port", type=int, default=0, help="worker control port (default: a free one)"
+    )
+
+    p = sub.add_parser("router", help="the HTTP front end (no torch)")
+    p.add_argument("--model", default=None, help="model folder (tokenizer, chat template)")
+    p.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a worker to use (repeatable)",
+    )
+    _add_http_args(p)
+
+    p = sub.add_parser("decode-worker", help="a worker process behind the router")
+    _add_engine_args(p)
+    p.add_argument(
+        "--colocated", action="store_true", help="also run prefill (the only mode today)"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--port", type=int, default=0, help="control port (default: a free one, printed)"
+    )
 
     p = sub.add_parser("generate", help="offline generation (no server)")
     p.add_argument("prompts", nargs="+", help="prompt strings; all run together in one batch")
@@ -121,6 +170,127 @@ def _profile_cost_model(args: argparse.Namespace, parser: argparse.ArgumentParse
     return 0
 
 
+def _engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from tandem.engine.llm import build_engine_config
+
+    try:
+        return build_engine_config(
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            seed=args.seed,
+            block_size=args.block_size,
+            kv_blocks=args.kv_blocks,
+            host_kv_blocks=args.host_kv_blocks,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_chunked_prefill=not args.no_chunked_prefill,
+            policy=args.policy,
+            max_model_len=args.max_model_len,
+            cost_model=args.cost_model,
+        )
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+
+
+def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import asyncio
+
+    from decode_worker.service import WorkerService
+    from tandem.engine.llm_engine import LLMEngine
+
+    config = _engine_config(args, parser)
+    try:
+        engine = LLMEngine(config)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+
+    async def run() -> None:
+        service = WorkerService(engine, args.host, args.port, role="colocated")
+        port = await service.start()
+        print(f"TANDEM_WORKER_READY {args.host}:{port}", flush=True)
+        await service.serve_forever()
+
+    _install_uvloop()
+    asyncio.run(run())
+    return 0
+
+
+def _router(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.worker:
+        parser.error("--worker HOST:PORT is required (repeat it for several workers)")
+    model = args.model
+    if model is None:
+        from tandem.tinymodel import default_model_dir
+
+        model = str(default_model_dir())
+    _run_router(model, args.worker, args, parser)
+    return 0
+
+
+def _run_router(
+    model: str, workers: list[str], args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> None:
+    from pathlib import Path
+
+    from aiohttp import web
+
+    from router.app import RouterConfig, build_app
+
+    try:
+        config = RouterConfig(
+            model_dir=model,
+            served_model_name=args.served_model_name or Path(model).name,
+            workers=tuple(workers),
+            max_in_flight=args.max_in_flight,
+            request_timeout=args.request_timeout,
+        )
+        app = build_app(config)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    _install_uvloop()
+    print(f"serving {config.served_model_name} on http://{args.host}:{args.port}", flush=True)
+    web.run_app(app, host=args.host, port=args.port, print=None)
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import socket
+    import subprocess
+
+    config = _engine_config(args, parser)  # validates flags and resolves the default model
+    port = args.worker_port
+    if port == 0:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "tandem.cli", "decode-worker", "--colocated", "--port", str(port)]
+    for name in _ENGINE_FLAGS:
+        value = config.model if name == "model" else getattr(args, name)
+        if value is not None:
+            cmd += ["--" + name.replace("_", "-"), str(value)]
+    if args.no_chunked_prefill:
+        cmd.append("--no-chunked-prefill")
+    worker = subprocess.Popen(cmd)
+    try:
+        _run_router(config.model, [f"127.0.0.1:{port}"], args, parser)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return 0
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+
 def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from tandem.request import SamplingParams
 
@@ -159,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "make-tiny-model": _make_tiny_model,
         "profile-cost-model": _profile_cost_model,
         "generate": _generate,
+        "serve": _serve,
+        "router": _router,
+        "decode-worker": _decode_worker,
     }
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
     return handlers[args.command](args, sub_parser)

@@ -49,33 +49,25 @@ class LLM:
         mlfq_q0: float | None = None,
         starvation_limit: float = 60.0,
     ) -> None:
-        if model is None:
-            from tandem.tinymodel import default_model_dir
-
-            model = default_model_dir()
-        model = str(model)
-        if kv_blocks is None:
-            kv_blocks = _auto_kv_blocks(model, dtype, block_size)
-        self.config = EngineConfig(
+        self.config = build_engine_config(
             model=model,
             device=device,
             dtype=dtype,
             seed=seed,
-            cache=CacheConfig(
-                block_size=block_size, num_blocks=kv_blocks, num_host_blocks=host_kv_blocks
-            ),
-            scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                enable_chunked_prefill=enable_chunked_prefill,
-                policy=policy,
-                preemption_mode=preemption_mode or ("swap" if host_kv_blocks > 0 else "recompute"),
-                max_model_len=max_model_len,
-                mlfq_q0=mlfq_q0,
-                starvation_limit=starvation_limit,
-            ),
-            cost_model_path=cost_model,
+            block_size=block_size,
+            kv_blocks=kv_blocks,
+            host_kv_blocks=host_kv_blocks,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_chunked_prefill=enable_chunked_prefill,
+            policy=policy,
+            preemption_mode=preemption_mode,
+            max_model_len=max_model_len,
+            cost_model=cost_model,
+            mlfq_q0=mlfq_q0,
+            starvation_limit=starvation_limit,
         )
+        model = self.config.model
         self.tokenizer = load_tokenizer(model)
         self.engine = LLMEngine(self.config, tokenizer=self.tokenizer)
 
@@ -131,6 +123,55 @@ class LLM:
                 f"engine finished without results for prompts {missing[:10]} (a bug)"
             )
         return results  # type: ignore[return-value]
+
+
+def build_engine_config(
+    model: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    *,
+    seed: int = 0,
+    block_size: int = 16,
+    kv_blocks: int | None = None,
+    host_kv_blocks: int = 0,
+    max_num_seqs: int = 256,
+    max_num_batched_tokens: int = 2048,
+    enable_chunked_prefill: bool = True,
+    policy: str = "mlfq",
+    preemption_mode: str | None = None,
+    max_model_len: int | None = None,
+    cost_model: str | None = None,
+    mlfq_q0: float | None = None,
+    starvation_limit: float = 60.0,
+) -> EngineConfig:
+    """The engine configuration the offline API and the workers share (model=None: bundled)."""
+    if model is None:
+        from tandem.tinymodel import default_model_dir
+
+        model = default_model_dir()
+    model = str(model)
+    if kv_blocks is None:
+        kv_blocks = _auto_kv_blocks(model, dtype, block_size)
+    return EngineConfig(
+        model=model,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        cache=CacheConfig(
+            block_size=block_size, num_blocks=kv_blocks, num_host_blocks=host_kv_blocks
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_chunked_prefill=enable_chunked_prefill,
+            policy=policy,
+            preemption_mode=preemption_mode or ("swap" if host_kv_blocks > 0 else "recompute"),
+            max_model_len=max_model_len,
+            mlfq_q0=mlfq_q0,
+            starvation_limit=starvation_limit,
+        ),
+        cost_model_path=cost_model,
+    )
 
 
 def _auto_kv_blocks(model: str, dtype: str, block_size: int) -> int:

@@ -1,0 +1,1 @@
+"""Decode worker: the engine behind a msgpack control plane (see service.py)."""

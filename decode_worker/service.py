@@ -1,0 +1,218 @@
+"""Decode worker service. Today it runs in colocated mode: it accepts prompts, runs
+stall-free chunked prefill and decode itself (the disaggregated prefill → decode KV
+handoff arrives with the kvtransfer backends).
+
+A request's life in this process:
+
+1. A router connection sends ``submit``; the engine thread validates it and queues it
+   (``engine.add_request``). A refused request gets one finished ``tokens`` item with an
+   ``error`` at once, so the router never waits on it.
+2. The engine thread runs ``engine.step()`` while any request is unfinished. Each
+   iteration's new tokens go back as one ``tokens`` frame per router connection (many
+   requests per frame).
+3. A finished request's last item carries its ``finish_reason``; the engine has freed its
+   KV blocks before the next iteration.
+4. ``abort`` (the client went away, or a stop string matched at the router) or the router
+   connection closing aborts the requests; their blocks are freed within one iteration.
+
+Threads: asyncio owns the sockets; one engine thread owns the engine. They meet through
+a thread-safe inbox (router → engine) and ``call_soon_threadsafe`` (engine → sockets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tandem import protocol
+from tandem.engine.llm_engine import LLMEngine
+
+log = logging.getLogger("tandem.decode_worker")
+
+STATS_PERIOD_S = 1.0
+
+
+class _Conn:
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.requests: set[str] = set()
+        self.closed = False
+
+
+class WorkerService:
+    def __init__(
+        self, engine: LLMEngine, host: str = "127.0.0.1", port: int = 0, role: str = "colocated"
+    ) -> None:
+        self.engine = engine
+        self.host, self.port, self.role = host, port, role
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._owner: dict[str, _Conn] = {}  # request id -> connection (engine thread only)
+        self._conns: set[_Conn] = set()  # every open router connection (for stats)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
+        self._last_stats = 0.0
+
+    # ------------------------------------------------------------------ asyncio side
+    async def start(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._thread.start()
+        return self.port
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        async with self._server:
+            await self._server.serve_forever()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._server is not None:
+            self._server.close()
+
+    def hello(self) -> dict[str, Any]:
+        e = self.engine
+        return {
+            "type": "hello",
+            "role": self.role,
+            "model": e.config.model,
+            "compat": e.compat_hash,
+            "kv_blocks": e.config.cache.num_blocks,
+            "max_model_len": e.config.scheduler.max_model_len,
+            "vocab_size": e.model_config.vocab_size,
+            "eos_token_ids": list(e.model_config.eos_token_ids),
+        }
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Conn(writer)
+        self._conns.add(conn)
+        writer.write(protocol.encode(self.hello()))
+        try:
+            while True:
+                msg = await protocol.read_frame(reader)
+                kind = msg["type"]
+                if kind == "submit":
+                    self._post(lambda m=msg: self._submit(conn, m))
+                elif kind == "abort":
+                    self._post(lambda ids=list(msg["request_ids"]): self._abort(ids))
+                else:
+                    log.warning("ignoring unknown message type %r", kind)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except protocol.ProtocolError as e:
+            log.warning("closing connection: %s", e)
+        finally:
+            conn.closed = True
+            self._conns.discard(conn)
+            self._post(lambda: self._abort(list(conn.requests)))
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        self._inbox.put(fn)
+        self._wake.set()
+
+    def _send(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        """Called from the engine thread: hand a frame to the socket's loop."""
+        if conn.closed or self._loop is None:
+            return
+        data = protocol.encode(msg)
+        self._loop.call_soon_threadsafe(conn.writer.write, data)
+
+    # ------------------------------------------------------------------ engine thread
+    def _submit(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        rid = msg.get("request_id")
+        try:
+            params = protocol.params_from_wire(msg["params"])
+            self.engine.add_request(
+                list(msg["prompt_token_ids"]), params, rid, priority=int(msg.get("priority", 0))
+            )
+        except (ValueError, KeyError, TypeError, protocol.ProtocolError) as e:
+            self._send(conn, {"type": "tokens", "items": [[rid, [], None, str(e), None]]})
+            return
+        self._owner[rid] = conn
+        conn.requests.add(rid)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            out = self.engine.abort_request(rid)
+            conn = self._owner.pop(rid, None)
+            if conn is not None:
+                conn.requests.discard(rid)
+                if out is not None:
+                    self._send(conn, {"type": "tokens", "items": [[rid, [], "abort", None, None]]})
+
+    def _engine_loop(self) -> None:
+        while not self._stop.is_set():
+            while True:
+                try:
+                    self._inbox.get_nowait()()
+                except queue.Empty:
+                    break
+            if self.engine.has_unfinished_requests():
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # a failed iteration fails its requests loudly
+                    log.exception("engine step failed")
+                    self._fail_all(f"engine error: {e}")
+                    continue
+                batches: dict[int, tuple[_Conn, list[list[Any]]]] = {}
+                for out in outputs:
+                    conn = self._owner.get(out.request_id)
+                    if conn is None:
+                        continue
+                    lp = (
+                        out.logprobs[-len(out.new_token_ids) :]
+                        if out.logprobs and out.new_token_ids
+                        else None
+                    )
+                    item = [out.request_id, out.new_token_ids, out.finish_reason, None, lp]
+                    batches.setdefault(id(conn), (conn, []))[1].append(item)
+                    if out.finished:
+                        self._owner.pop(out.request_id, None)
+                        conn.requests.discard(out.request_id)
+                for conn, items in batches.values():
+                    self._send(conn, {"type": "tokens", "items": items})
+            else:
+                self._wake.wait(timeout=STATS_PERIOD_S)
+                self._wake.clear()
+            now = time.monotonic()
+            if now - self._last_stats >= STATS_PERIOD_S:
+                self._last_stats = now
+                self._broadcast(self.stats())
+
+    def _fail_all(self, message: str) -> None:
+        for rid, conn in list(self._owner.items()):
+            self.engine.abort_request(rid)
+            self._send(conn, {"type": "tokens", "items": [[rid, [], None, message, None]]})
+        self._owner.clear()
+
+    def _broadcast(self, msg: dict[str, Any]) -> None:
+        for conn in list(self._conns):
+            self._send(conn, msg)
+
+    def stats(self) -> dict[str, Any]:
+        s = self.engine.scheduler
+        return {
+            "type": "stats",
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "swapped": len(s.swapped),
+            "kv_free": s.device_kv.num_free_blocks,
+            "kv_used": s.device_kv.pool.num_used,
+            "preemptions": s.num_preemptions,
+            "swapped_out_blocks": s.num_swapped_out_blocks,
+            "swapped_in_blocks": s.num_swapped_in_blocks,
+            "iterations": self.engine.num_iterations,
+        }

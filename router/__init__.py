@@ -1,0 +1,1 @@
+"""The router: OpenAI-compatible HTTP front end (aiohttp, no torch). See app.py."""

@@ -1,0 +1,428 @@
+"""The router: OpenAI-compatible HTTP front end (aiohttp; imports no torch).
+
+A request's life here:
+
+1. The handler parses and validates the body (``openai_api``: 4xx with OpenAI's error
+   JSON on anything wrong), applies the chat template and tokenizes (``FastTokenizer``).
+2. Backpressure: past ``max_in_flight`` requests it answers 429 with Retry-After.
+3. Dispatch: the connected worker with the fewest requests in flight gets a ``submit``.
+4. Token frames come back; the router detokenizes incrementally (never half a UTF-8
+   character), applies stop strings (and tells the worker to abort on a match), and
+   writes SSE chunks or, without ``stream``, one JSON body at the end.
+5. A client that disconnects, or a request past ``request_timeout``, is aborted at the
+   worker, which frees its KV blocks within one iteration. A worker that dies ends its
+   requests with an explicit error (an SSE error event, or HTTP 502).
+
+Endpoints: POST /v1/completions, /v1/chat/completions, /generate; GET /v1/models,
+/health, /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from router.metrics import RouterMetrics
+from router.openai_api import ApiError, ParsedRequest, parse_chat, parse_completion
+from router.workers import WorkerClient
+from tandem import protocol
+from tandem.detokenizer import IncrementalDetokenizer, special_token_ids
+from tandem.tokenizer import FastTokenizer
+
+log = logging.getLogger("tandem.router")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model_dir: str
+    served_model_name: str
+    workers: tuple[str, ...]
+    max_in_flight: int = 4096
+    request_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.workers:
+            raise ValueError("at least one worker address is needed (--worker HOST:PORT)")
+        if self.max_in_flight < 1 or self.request_timeout <= 0:
+            raise ValueError("max_in_flight must be >= 1 and request_timeout > 0")
+
+
+class Router:
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.tokenizer = FastTokenizer(config.model_dir)
+        self.special_ids = special_token_ids(self.tokenizer)
+        self.workers = [WorkerClient(a) for a in config.workers]
+        self.metrics = RouterMetrics()
+        self.in_flight = 0
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, app: web.Application) -> None:
+        await asyncio.gather(*(w.connect() for w in self.workers))
+        self._reconnect = asyncio.create_task(self._keep_connected())
+
+    async def stop(self, app: web.Application) -> None:
+        self._reconnect.cancel()
+        for w in self.workers:
+            await w.close()
+
+    async def _keep_connected(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for w in self.workers:
+                if not w.connected:
+                    with contextlib.suppress(ConnectionError, OSError, protocol.ProtocolError):
+                        await w.connect(timeout=0.5)
+
+    def _pick_worker(self) -> WorkerClient:
+        live = [w for w in self.workers if w.connected]
+        if not live:
+            raise ApiError(503, "no worker is available")
+        return min(live, key=lambda w: w.in_flight)
+
+    @property
+    def max_model_len(self) -> int:
+        lens = [w.hello["max_model_len"] for w in self.workers if w.hello]
+        return min(lens) if lens else 0
+
+    @property
+    def vocab_size(self) -> int:
+        sizes = [w.hello["vocab_size"] for w in self.workers if w.hello]
+        return min(sizes) if sizes else self.tokenizer.vocab_size
+
+    # ------------------------------------------------------------------ handlers
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.post("/generate", self.generate),
+            web.get("/v1/models", self.models),
+            web.get("/health", self.health),
+            web.get("/metrics", self.metrics_endpoint),
+        ]
+
+    async def health(self, request: web.Request) -> web.Response:
+        live = sum(w.connected for w in self.workers)
+        status = 200 if live else 503
+        return web.json_response(
+            {"status": "ok" if live else "no workers", "workers": live}, status=status
+        )
+
+    async def models(self, request: web.Request) -> web.Response:
+        card = {
+            "id": self.config.served_model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "tandem",
+            "max_model_len": self.max_model_len,
+        }
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        stats = {w.address: w.stats for w in self.workers}
+        return web.Response(text=self.metrics.render(stats), content_type="text/plain")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._openai(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._openai(request, chat=True)
+
+    async def _openai(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            body = await _json(request)
+            if chat:
+                parsed = parse_chat(
+                    body, self.tokenizer, self.config.served_model_name, self.max_model_len
+                )
+            else:
+                parsed = parse_completion(
+                    body,
+                    self.tokenizer,
+                    self.config.served_model_name,
+                    self.max_model_len,
+                    self.vocab_size,
+                )
+            self._admit()
+        except ApiError as e:
+            self.metrics.requests["rejected"] += 1
+            return _error(e)
+        try:
+            return await self._run(request, parsed)
+        finally:
+            self.in_flight -= 1
+
+    def _admit(self) -> None:
+        if self.in_flight >= self.config.max_in_flight:
+            raise ApiError(429, f"server busy: {self.in_flight} requests in flight; retry later")
+        if not any(w.connected for w in self.workers):
+            raise ApiError(503, "no worker is available")
+        self.in_flight += 1
+
+    async def _run(self, request: web.Request, p: ParsedRequest) -> web.StreamResponse:
+        rid = f"{'chatcmpl' if p.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        worker = self._pick_worker()
+        queue = worker.submit(protocol.submit(rid, p.prompt_token_ids, p.params, p.priority))
+        detok = IncrementalDetokenizer(
+            self.tokenizer,
+            p.prompt_token_ids,
+            skip_special_tokens=p.params.skip_special_tokens,
+            stop=p.params.stop,
+            include_stop_str_in_output=p.params.include_stop_str_in_output,
+            special_ids=self.special_ids,
+        )
+        obj = "chat.completion.chunk" if p.chat else "text_completion"
+        start = time.monotonic()
+        first_at: float | None = None
+        n_out = 0
+        text_parts: list[str] = []
+        lp_items: list[Any] = []
+        finish: str | None = None
+        response: web.StreamResponse | None = None
+        outcome = "abort"
+        try:
+            if p.stream:
+                response = web.StreamResponse(
+                    headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                )
+                await response.prepare(request)
+                if p.chat:
+                    await _sse(
+                        response,
+                        self._chunk(
+                            rid, created, obj, {"role": "assistant", "content": ""}, None, None, p
+                        ),
+                    )
+            deadline = start + self.config.request_timeout
+            while finish is None:
+                try:
+                    item = await asyncio.wait_for(
+                        queue.get(), timeout=max(deadline - time.monotonic(), 0.001)
+                    )
+                except asyncio.TimeoutError:
+                    raise ApiError(
+                        504, f"request timed out after {self.config.request_timeout:.0f}s"
+                    ) from None
+                _, new_ids, reason, error, logprobs = item
+                if error is not None:
+                    raise ApiError(
+                        400 if n_out == 0 and "disconnected" not in error else 502, error
+                    )
+                if new_ids and first_at is None:
+                    first_at = time.monotonic()
+                    self.metrics.ttft.observe(first_at - start)
+                n_out += len(new_ids)
+                update = detok.add_tokens(new_ids)
+                delta = update.delta
+                if update.stop_string is not None:
+                    reason = "stop"
+                    worker.abort(rid)
+                elif reason is not None:
+                    delta += detok.flush()
+                new_lp = self._logprobs(new_ids, logprobs, p) if p.logprobs is not None else None
+                if new_lp is not None:
+                    lp_items.append(new_lp)
+                finish = reason
+                text_parts.append(delta)
+                if p.stream and (delta or finish is not None or new_lp is not None):
+                    content = {"content": delta} if p.chat else delta
+                    await _sse(response, self._chunk(rid, created, obj, content, finish, new_lp, p))
+            outcome = finish if finish in ("stop", "length") else "abort"
+            usage = {"prompt_tokens": len(p.prompt_token_ids), "completion_tokens": n_out,
+                     "total_tokens": len(p.prompt_token_ids) + n_out}  # fmt: skip
+            self._observe(start, first_at, n_out, len(p.prompt_token_ids))
+            if p.stream:
+                if p.include_usage:
+                    await _sse(response, {"id": rid, "object": obj, "created": created,
+                                          "model": self.config.served_model_name, "choices": [], "usage": usage})  # fmt: skip
+                await response.write(b"data: [DONE]\n\n")
+                return response
+            return web.json_response(
+                self._final(rid, created, "".join(text_parts), finish, lp_items, usage, p)
+            )
+        except ApiError as e:
+            outcome = "error"
+            worker.abort(rid)
+            if response is None:
+                return _error(e)
+            await _sse(response, e.body())
+            return response
+        except (asyncio.CancelledError, ConnectionResetError):
+            worker.abort(rid)  # the client went away: free the request everywhere
+            raise
+        finally:
+            worker.release(rid)
+            self.metrics.requests[outcome] += 1
+
+    def _observe(self, start: float, first_at: float | None, n_out: int, n_prompt: int) -> None:
+        end = time.monotonic()
+        self.metrics.e2e.observe(end - start)
+        if first_at is not None and n_out > 1:
+            self.metrics.tpot.observe((end - first_at) / (n_out - 1))
+        self.metrics.prompt_tokens += n_prompt
+        self.metrics.generation_tokens += n_out
+
+    def _logprobs(self, ids: list[int], logprobs: list | None, p: ParsedRequest) -> Any:
+        if not logprobs:
+            return None
+        tok = self.tokenizer
+        if p.chat:
+            content = []
+            for token, (lp, top) in zip(ids, logprobs, strict=False):
+                text = tok.decode([token], skip_special_tokens=False)
+                content.append({
+                    "token": text, "logprob": lp, "bytes": list(text.encode()),
+                    "top_logprobs": [{"token": tok.decode([t], skip_special_tokens=False), "logprob": v,
+                                      "bytes": list(tok.decode([t], skip_special_tokens=False).encode())} for t, v in top],
+                })  # fmt: skip
+            return {"content": content}
+        return {
+            "tokens": [tok.decode([t], skip_special_tokens=False) for t in ids],
+            "token_logprobs": [lp for lp, _ in logprobs],
+            "top_logprobs": [
+                {tok.decode([t], skip_special_tokens=False): v for t, v in top}
+                for _, top in logprobs
+            ],
+        }
+
+    def _chunk(
+        self, rid, created, obj, content, finish, logprobs, p: ParsedRequest
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish}
+        if p.chat:
+            choice["delta"] = content if finish is None or content.get("content") else {}
+        else:
+            choice["text"] = content
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": self.config.served_model_name,
+            "choices": [choice],
+        }
+
+    def _final(
+        self, rid, created, text, finish, lp_items, usage, p: ParsedRequest
+    ) -> dict[str, Any]:
+        if p.chat:
+            logprobs = (
+                {"content": [c for item in lp_items for c in item["content"]]}
+                if p.logprobs is not None
+                else None
+            )
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                      "finish_reason": finish}  # fmt: skip
+            obj = "chat.completion"
+        else:
+            logprobs = None
+            if p.logprobs is not None:
+                logprobs = {
+                    k: [v for item in lp_items for v in item[k]]
+                    for k in ("tokens", "token_logprobs", "top_logprobs")
+                }
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            obj = "text_completion"
+        return {"id": rid, "object": obj, "created": created, "model": self.config.served_model_name,
+                "choices": [choice], "usage": usage}  # fmt: skip
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        """Native API: token ids in, token ids streamed out (SSE of {"token_ids": [...]})."""
+        try:
+            body = await _json(request)
+            if not isinstance(body, dict):
+                raise ApiError(400, "request body must be a JSON object")
+            ids = body.get("prompt_token_ids")
+            if (
+                not isinstance(ids, list)
+                or not ids
+                or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+            ):
+                raise ApiError(
+                    400,
+                    "'prompt_token_ids' must be a non-empty list of integers",
+                    "prompt_token_ids",
+                )
+            sp = dict(body.get("sampling_params") or {})
+            sp.setdefault("max_tokens", 16)
+            fake = {"prompt": ids, **sp, "stream": True, "model": None}
+            parsed = parse_completion(
+                fake,
+                self.tokenizer,
+                self.config.served_model_name,
+                self.max_model_len,
+                self.vocab_size,
+            )
+            self._admit()
+        except ApiError as e:
+            self.metrics.requests["rejected"] += 1
+            return _error(e)
+        try:
+            return await self._generate(request, parsed)
+        finally:
+            self.in_flight -= 1
+
+    async def _generate(self, request: web.Request, p: ParsedRequest) -> web.StreamResponse:
+        rid = f"gen-{uuid.uuid4().hex[:24]}"
+        worker = self._pick_worker()
+        queue = worker.submit(protocol.submit(rid, p.prompt_token_ids, p.params, p.priority))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        outcome = "abort"
+        try:
+            await response.prepare(request)
+            while True:
+                _, new_ids, reason, error, _ = await asyncio.wait_for(
+                    queue.get(), self.config.request_timeout
+                )
+                if error is not None:
+                    outcome = "error"
+                    await _sse(response, {"error": {"message": error}})
+                    break
+                await _sse(response, {"token_ids": new_ids, "finish_reason": reason})
+                if reason is not None:
+                    outcome = reason if reason in ("stop", "length") else "abort"
+                    break
+            await response.write(b"data: [DONE]\n\n")
+            return response
+        except (asyncio.CancelledError, ConnectionResetError, asyncio.TimeoutError):
+            worker.abort(rid)
+            raise
+        finally:
+            worker.release(rid)
+            self.metrics.requests[outcome] += 1
+
+
+async def _json(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "request body is not valid JSON") from None
+
+
+def _error(e: ApiError) -> web.Response:
+    headers = {"Retry-After": "1"} if e.status == 429 else None
+    return web.json_response(e.body(), status=e.status, headers=headers)
+
+
+async def _sse(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    await response.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
+
+
+def build_app(config: RouterConfig) -> web.Application:
+    router = Router(config)
+    app = web.Application(client_max_size=64 * 2**20)
+    app["router"] = router
+    app.add_routes(router.routes())
+    app.on_startup.append(router.start)
+    app.on_cleanup.append(router.stop)
+    return app

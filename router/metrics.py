@@ -1,0 +1,87 @@
+"""Prometheus text exposition for the router (pure; no client library needed).
+
+Names start with ``tandem_``. Histograms use fixed latency buckets (seconds).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Histogram:
+    def __init__(
+        self, name: str, help_text: str, buckets: tuple[float, ...] = LATENCY_BUCKETS
+    ) -> None:
+        self.name, self.help, self.buckets = name, help_text, buckets
+        self.counts = [0] * len(buckets)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.total += 1
+        self.sum += value
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        for bound, count in zip(self.buckets, self.counts, strict=True):
+            lines.append(f'{self.name}_bucket{{le="{bound}"}} {count}')
+        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.total}')
+        lines.append(f"{self.name}_sum {self.sum}")
+        lines.append(f"{self.name}_count {self.total}")
+        return lines
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.requests = defaultdict(int)  # outcome -> count
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.ttft = Histogram("tandem_request_ttft_seconds", "Time to first token")
+        self.tpot = Histogram(
+            "tandem_request_tpot_seconds", "Time per output token after the first"
+        )
+        self.e2e = Histogram("tandem_request_e2e_seconds", "End-to-end request latency (JCT)")
+
+    def render(self, workers: dict[str, dict]) -> str:
+        lines = [
+            "# HELP tandem_requests_total Requests by outcome",
+            "# TYPE tandem_requests_total counter",
+        ]
+        for outcome in ("stop", "length", "abort", "error", "rejected"):
+            lines.append(f'tandem_requests_total{{outcome="{outcome}"}} {self.requests[outcome]}')
+        lines += [
+            "# TYPE tandem_prompt_tokens_total counter",
+            f"tandem_prompt_tokens_total {self.prompt_tokens}",
+            "# TYPE tandem_generation_tokens_total counter",
+            f"tandem_generation_tokens_total {self.generation_tokens}",
+        ]
+        for h in (self.ttft, self.tpot, self.e2e):
+            lines += h.render()
+        gauges = {
+            "kv_free": ("tandem_worker_kv_blocks_free", "Free KV blocks per worker"),
+            "kv_used": ("tandem_worker_kv_blocks_used", "Used KV blocks per worker"),
+            "running": ("tandem_worker_running_requests", "Running requests per worker"),
+            "waiting": ("tandem_worker_waiting_requests", "Waiting requests per worker"),
+            "swapped": ("tandem_worker_swapped_requests", "Requests swapped to host per worker"),
+            "preemptions": ("tandem_worker_preemptions_total", "Preemptions per worker"),
+            "swapped_out_blocks": (
+                "tandem_worker_swapped_out_blocks_total",
+                "Blocks swapped out per worker",
+            ),
+            "swapped_in_blocks": (
+                "tandem_worker_swapped_in_blocks_total",
+                "Blocks swapped in per worker",
+            ),
+        }
+        for key, (name, help_text) in gauges.items():
+            kind = "counter" if name.endswith("_total") else "gauge"
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            for worker, stats in sorted(workers.items()):
+                if key in stats:
+                    lines.append(f'{name}{{worker="{worker}"}} {stats[key]}')
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,105 @@
+"""The router's side of a worker connection (pure asyncio; no torch).
+
+One persistent TCP connection per worker. A reader task routes each ``tokens`` item to
+the queue of its request and keeps the worker's latest ``stats``. If the connection
+drops, every request in flight on it gets an error item, so no stream hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from tandem import protocol
+
+log = logging.getLogger("tandem.router")
+
+
+class WorkerClient:
+    def __init__(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"worker address must be HOST:PORT, got {address!r}")
+        self.address = address
+        self.host, self.port = host, int(port)
+        self.hello: dict[str, Any] | None = None
+        self.stats: dict[str, Any] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and self.hello is not None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._queues)
+
+    async def connect(self, timeout: float = 120.0) -> None:
+        """Connect, retrying until the worker listens (it may still be loading weights)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+                break
+            except OSError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise ConnectionError(
+                        f"worker {self.address} did not start listening in {timeout:.0f}s"
+                    ) from None
+                await asyncio.sleep(0.2)
+        hello = await protocol.read_frame(reader)
+        if hello.get("type") != "hello":
+            raise protocol.ProtocolError(f"worker {self.address} did not say hello")
+        self.hello, self._writer = hello, writer
+        self._reader_task = asyncio.create_task(self._read_loop(reader))
+
+    async def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader_task
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = None
+
+    def submit(self, msg: dict[str, Any]) -> asyncio.Queue:
+        if self._writer is None:
+            raise ConnectionError(f"worker {self.address} is not connected")
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[msg["request_id"]] = q
+        self._writer.write(protocol.encode(msg))
+        return q
+
+    def abort(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+        if self._writer is not None:
+            self._writer.write(protocol.encode(protocol.abort([request_id])))
+
+    def release(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                msg = await protocol.read_frame(reader)
+                if msg["type"] == "tokens":
+                    for item in msg["items"]:
+                        q = self._queues.get(item[0])
+                        if q is not None:
+                            q.put_nowait(item)
+                            if item[2] is not None or item[3] is not None:
+                                self._queues.pop(item[0], None)
+                elif msg["type"] == "stats":
+                    self.stats = msg
+        except (asyncio.IncompleteReadError, ConnectionError, protocol.ProtocolError) as e:
+            log.warning("lost worker %s: %s", self.address, e)
+        finally:
+            self._writer = None
+            self.hello = None
+            for rid, q in list(self._queues.items()):
+                q.put_nowait([rid, [], None, f"worker {self.address} disconnected", None])
+            self._queues.clear()

@@ -1,0 +1,92 @@
+"""Wire messages between router and workers: msgpack frames on persistent TCP (pure).
+
+Frame: 4-byte big-endian length, then a msgpack map with a ``type`` key. Messages:
+
+router → worker
+  ``submit``  {request_id, prompt_token_ids, params (SamplingParams fields), priority}
+  ``abort``   {request_ids: [...]}
+worker → router
+  ``hello``   {role, model, compat, kv_blocks, max_model_len, vocab_size}   (first frame)
+  ``tokens``  {items: [[request_id, new_token_ids, finish_reason|None, error|None,
+                        logprobs|None], ...]}   (one frame per engine iteration, many requests)
+  ``stats``   {running, waiting, swapped, kv_free, kv_used, preemptions, ...}   (periodic)
+
+A worker answers every accepted ``submit`` with tokens until a finished item (a
+``finish_reason``, or an ``error`` for a request it refused), so nothing accepted is lost
+silently. Frames larger than ``MAX_FRAME`` are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from dataclasses import asdict, fields
+from typing import Any
+
+import msgpack
+
+from tandem.request import SamplingParams
+
+MAX_FRAME = 64 * 2**20
+_HEADER = struct.Struct(">I")
+
+
+class ProtocolError(RuntimeError):
+    pass
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    body = msgpack.packb(msg, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
+    return _HEADER.pack(len(body)) + body
+
+
+async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
+    """Next message; raises ``asyncio.IncompleteReadError`` at a clean end of stream."""
+    (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    if size > MAX_FRAME:
+        raise ProtocolError(f"peer sent a frame of {size} bytes (limit {MAX_FRAME})")
+    msg = msgpack.unpackb(await reader.readexactly(size), raw=False, strict_map_key=False)
+    if not isinstance(msg, dict) or "type" not in msg:
+        raise ProtocolError("malformed frame: not a map with a 'type'")
+    return msg
+
+
+def params_to_wire(params: SamplingParams) -> dict[str, Any]:
+    d = asdict(params)
+    d["stop"] = list(params.stop)
+    d["stop_token_ids"] = list(params.stop_token_ids)
+    return d
+
+
+_PARAM_FIELDS = {f.name for f in fields(SamplingParams)}
+
+
+def params_from_wire(d: dict[str, Any]) -> SamplingParams:
+    unknown = set(d) - _PARAM_FIELDS
+    if unknown:
+        raise ProtocolError(f"unknown sampling fields {sorted(unknown)}")
+    return SamplingParams(
+        **{
+            **d,
+            "stop": tuple(d.get("stop", ())),
+            "stop_token_ids": tuple(d.get("stop_token_ids", ())),
+        }
+    )
+
+
+def submit(
+    request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+) -> dict[str, Any]:
+    return {
+        "type": "submit",
+        "request_id": request_id,
+        "prompt_token_ids": list(prompt_token_ids),
+        "params": params_to_wire(params),
+        "priority": priority,
+    }
+
+
+def abort(request_ids: list[str]) -> dict[str, Any]:
+    return {"type": "abort", "request_ids": list(request_ids)}

@@ -1,0 +1,240 @@
+"""`tandem serve` as real processes on loopback, driven by real HTTP clients.
+
+The router and a colocated worker are started by the CLI exactly as a user starts them;
+the openai SDK must get the same greedy text as the offline ``LLM`` API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tandem import LLM, SamplingParams
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir):
+    port = _free_port()
+    env = {**os.environ, "TANDEM_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tandem.cli", "serve", "--model", str(tiny_llama_dir), "--port", str(port),
+         "--max-num-batched-tokens", "256", "--served-model-name", "tiny"],
+        env=env,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        assert proc.poll() is None, "tandem serve exited during start-up"
+        time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("tandem serve did not become healthy in 120 s")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_llama_dir):
+    return LLM(model=tiny_llama_dir, max_num_batched_tokens=256)
+
+
+def _client(url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+PROMPTS = ["Hello, Tandem!", "Café au lait and 日本語 🙂", "The quick brown fox"]
+
+
+def test_completions_match_offline_api(server, offline):
+    client = _client(server)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    expected = [o.text for o in offline.generate(PROMPTS, greedy)]
+    for prompt, want in zip(PROMPTS, expected, strict=True):
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0)
+        assert r.choices[0].text == want
+        assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+        stream = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=16, temperature=0, stream=True
+        )
+        assert "".join(c.choices[0].text for c in stream if c.choices) == want
+
+
+def test_chat_matches_offline_api(server, offline):
+    client = _client(server)
+    tok = offline.get_tokenizer()
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Tell me a story"},
+    ]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False).input_ids
+    want = offline.generate([ids], SamplingParams(temperature=0.0, max_tokens=12))[0].text
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, temperature=0
+    )
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=messages, max_completion_tokens=12, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+
+
+def test_stop_string_and_logprobs(server, offline):
+    client = _client(server)
+    base = (
+        client.completions.create(
+            model="tiny", prompt="Once upon a time", max_tokens=24, temperature=0
+        )
+        .choices[0]
+        .text
+    )
+    stop = base[10:13]
+    first = base.find(stop)
+    r = client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=24, temperature=0, stop=[stop]
+    )
+    assert r.choices[0].text == base[:first] and r.choices[0].finish_reason == "stop"
+    lp = client.completions.create(
+        model="tiny", prompt="Hi", max_tokens=4, temperature=0, logprobs=2
+    )
+    assert len(lp.choices[0].logprobs.token_logprobs) == 4
+    assert all(len(t) <= 2 for t in lp.choices[0].logprobs.top_logprobs)
+
+
+def _post(url, path, body, raw=False):
+    data = body if raw else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url + path, data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/v1/completions", b"{not json", 400, None),
+        ("/v1/completions", {"max_tokens": 4}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+        ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 10**7}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+        ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "stop"),
+        ("/v1/completions", {"prompt": "x", "model": "gpt-9"}, 404, "model"),
+        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "wizard", "content": "x"}]},
+            400,
+            "messages",
+        ),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "logprobs": 3},
+            400,
+            "logprobs",
+        ),
+        ("/generate", {"prompt_token_ids": "abc"}, 400, "prompt_token_ids"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx(server, path, body, status, param):
+    got, payload = _post(server, path, body, raw=isinstance(body, bytes))
+    assert got == status, payload
+    assert payload["error"]["message"]
+    if param is not None:
+        assert payload["error"]["param"] == param
+
+
+def test_generate_streams_token_ids(server, offline):
+    ids = [5, 6, 7, 8]
+    want = offline.generate([ids], SamplingParams(temperature=0.0, max_tokens=6))[0].token_ids
+    req = urllib.request.Request(
+        server + "/generate",
+        data=json.dumps(
+            {"prompt_token_ids": ids, "sampling_params": {"max_tokens": 6, "temperature": 0}}
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    got = []
+    with urllib.request.urlopen(req, timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("data: {"):
+                got += json.loads(line[6:])["token_ids"]
+    assert got == want
+
+
+def _metric(text: str, name: str) -> float:
+    values = [float(m.group(1)) for m in re.finditer(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M)]
+    return sum(values)
+
+
+def test_dropped_streams_free_every_block(server):
+    import aiohttp
+
+    async def drop_one(session, i):
+        body = {"prompt": f"request {i}", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        async with session.post(server + "/v1/completions", json=body) as r:
+            assert r.status == 200
+            seen = 0
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    seen += 1
+                    if seen >= 3:
+                        return  # leave mid-stream: the connection closes here
+
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            await asyncio.gather(*(drop_one(session, i) for i in range(20)))
+
+    asyncio.run(main())
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        with urllib.request.urlopen(server + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+        if (
+            _metric(text, "tandem_worker_kv_blocks_used") == 0
+            and _metric(text, "tandem_worker_running_requests") == 0
+        ):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"blocks still used after the clients left:\n{text}")
+    assert 'tandem_requests_total{outcome="abort"}' in text
