@@ -27,11 +27,15 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tandem import protocol
-from tandem.engine.llm_engine import LLMEngine
+from tandem.registry import Registry, WorkerInfo
+
+if TYPE_CHECKING:  # type only: a worker serving FakeEngine never imports torch
+    from tandem.engine.llm_engine import LLMEngine
 
 log = logging.getLogger("tandem.decode_worker")
 
@@ -47,10 +51,22 @@ class _Conn:
 
 class WorkerService:
     def __init__(
-        self, engine: LLMEngine, host: str = "127.0.0.1", port: int = 0, role: str = "colocated"
+        self,
+        engine: LLMEngine,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        role: str = "colocated",
+        registry: Registry | None = None,
+        worker_id: str | None = None,
+        advertise_host: str | None = None,
+        ttl: float = 5.0,
     ) -> None:
         self.engine = engine
         self.host, self.port, self.role = host, port, role
+        self.registry, self.ttl = registry, ttl
+        self.worker_id = worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
+        self.advertise_host = advertise_host or host
+        self._heartbeat_task: asyncio.Task | None = None
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -67,7 +83,42 @@ class WorkerService:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         self._thread.start()
+        if self.registry is not None:
+            await self.registry.register(self.info(), self.ttl)
+            self._heartbeat_task = asyncio.create_task(self._heartbeat())
         return self.port
+
+    def info(self) -> WorkerInfo:
+        hello = self.hello()
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            role=self.role,
+            address=f"{self.advertise_host}:{self.port}",
+            model=hello["model"],
+            capacity={"kv_blocks": hello["kv_blocks"], "max_model_len": hello["max_model_len"]},
+            load=self.stats(),
+        )
+
+    async def _heartbeat(self) -> None:
+        """Renew the registry entry every ttl/3 with the current load; re-register if it expired."""
+        assert self.registry is not None
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                await self.registry.heartbeat(self.worker_id, self.stats(), self.ttl)
+            except KeyError:
+                await self.registry.register(self.info(), self.ttl)
+            except Exception as e:  # registry briefly unreachable: keep serving, retry
+                log.warning("registry heartbeat failed: %s", e)
+
+    async def shutdown(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        if self.registry is not None:
+            with contextlib.suppress(Exception):
+                await self.registry.deregister(self.worker_id)
+                await self.registry.close()
+        self.stop()
 
     async def serve_forever(self) -> None:
         assert self._server is not None

@@ -26,16 +26,17 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
 
 from router.metrics import RouterMetrics
 from router.openai_api import ApiError, ParsedRequest, parse_chat, parse_completion
-from router.workers import WorkerClient
+from router.workers import WORKER_LOST, WorkerClient
 from tandem import protocol
 from tandem.detokenizer import IncrementalDetokenizer, special_token_ids
+from tandem.registry import make_registry
 from tandem.tokenizer import FastTokenizer
 
 log = logging.getLogger("tandem.router")
@@ -45,13 +46,17 @@ log = logging.getLogger("tandem.router")
 class RouterConfig:
     model_dir: str
     served_model_name: str
-    workers: tuple[str, ...]
+    workers: tuple[str, ...] = ()
+    registry_url: str | None = None
     max_in_flight: int = 4096
     request_timeout: float = 600.0
+    max_reruns: int = 2  # times a request is continued elsewhere after its worker died
 
     def __post_init__(self) -> None:
-        if not self.workers:
-            raise ValueError("at least one worker address is needed (--worker HOST:PORT)")
+        if not self.workers and not self.registry_url:
+            raise ValueError(
+                "give worker addresses (--worker HOST:PORT) or a registry (--registry URL)"
+            )
         if self.max_in_flight < 1 or self.request_timeout <= 0:
             raise ValueError("max_in_flight must be >= 1 and request_timeout > 0")
 
@@ -62,6 +67,7 @@ class Router:
         self.tokenizer = FastTokenizer(config.model_dir)
         self.special_ids = special_token_ids(self.tokenizer)
         self.workers = [WorkerClient(a) for a in config.workers]
+        self.registry = make_registry(config.registry_url) if config.registry_url else None
         self.metrics = RouterMetrics()
         self.in_flight = 0
         self._ids = itertools.count()
@@ -69,23 +75,59 @@ class Router:
     # ------------------------------------------------------------------ lifecycle
     async def start(self, app: web.Application) -> None:
         await asyncio.gather(*(w.connect() for w in self.workers))
-        self._reconnect = asyncio.create_task(self._keep_connected())
+        self._static = {w.address for w in self.workers}
+        self._tasks = [asyncio.create_task(self._keep_connected())]
+        if self.registry is not None:
+            await self._sync_registry()
+            self._tasks.append(asyncio.create_task(self._watch_registry()))
 
     async def stop(self, app: web.Application) -> None:
-        self._reconnect.cancel()
+        for t in self._tasks:
+            t.cancel()
         for w in self.workers:
             await w.close()
+        if self.registry is not None:
+            await self.registry.close()
+
+    async def _watch_registry(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                await self._sync_registry()
+            except Exception as e:  # registry briefly unreachable: keep what we have
+                log.warning("registry read failed: %s", e)
+
+    async def _sync_registry(self) -> None:
+        """Connect to newly registered workers; drop those whose entry expired."""
+        assert self.registry is not None
+        live = {
+            i.address for i in await self.registry.workers() if i.role in ("decode", "colocated")
+        }
+        known = {w.address for w in self.workers}
+        for address in live - known:
+            client = WorkerClient(address)
+            self.workers.append(client)
+            asyncio.create_task(self._connect_quietly(client))
+        for w in [
+            w for w in self.workers if w.address not in live and w.address not in self._static
+        ]:
+            self.workers.remove(w)
+            await w.close()  # its in-flight requests are re-run on the others
+
+    async def _connect_quietly(self, client: WorkerClient) -> None:
+        with contextlib.suppress(ConnectionError, OSError, protocol.ProtocolError):
+            await client.connect(timeout=10.0)
 
     async def _keep_connected(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             for w in self.workers:
-                if not w.connected:
+                if w.address in self._static and not w.connected:
                     with contextlib.suppress(ConnectionError, OSError, protocol.ProtocolError):
                         await w.connect(timeout=0.5)
 
-    def _pick_worker(self) -> WorkerClient:
-        live = [w for w in self.workers if w.connected]
+    def _pick_worker(self, exclude: WorkerClient | None = None) -> WorkerClient:
+        live = [w for w in self.workers if w.connected and w is not exclude]
         if not live:
             raise ApiError(503, "no worker is available")
         return min(live, key=lambda w: w.in_flight)
@@ -191,6 +233,8 @@ class Router:
         finish: str | None = None
         response: web.StreamResponse | None = None
         outcome = "abort"
+        out_ids: list[int] = []
+        reruns = 0
         try:
             if p.stream:
                 response = web.StreamResponse(
@@ -215,10 +259,17 @@ class Router:
                         504, f"request timed out after {self.config.request_timeout:.0f}s"
                     ) from None
                 _, new_ids, reason, error, logprobs = item
+                if (
+                    error is not None
+                    and error.startswith(WORKER_LOST)
+                    and reruns < self.config.max_reruns
+                ):
+                    worker, queue = self._rerun(rid, p, out_ids, worker)
+                    reruns += 1
+                    continue
                 if error is not None:
-                    raise ApiError(
-                        400 if n_out == 0 and "disconnected" not in error else 502, error
-                    )
+                    raise ApiError(502 if error.startswith(WORKER_LOST) else 400, error)
+                out_ids.extend(new_ids)
                 if new_ids and first_at is None:
                     first_at = time.monotonic()
                     self.metrics.ttft.observe(first_at - start)
@@ -264,6 +315,30 @@ class Router:
         finally:
             worker.release(rid)
             self.metrics.requests[outcome] += 1
+
+    def _rerun(
+        self, rid: str, p: ParsedRequest, out_ids: list[int], dead: WorkerClient
+    ) -> tuple[WorkerClient, asyncio.Queue]:
+        """Continue a request whose worker died on another one, from where it stopped.
+
+        The new prompt is the original prompt plus every token already streamed, and
+        max_tokens is what remains, so the client's stream goes on without a gap or a
+        repeat (greedy output is identical; sampled output stays valid). Raises 502 when
+        no other worker is up.
+        """
+        try:
+            worker = self._pick_worker(exclude=dead)
+        except ApiError:
+            raise ApiError(502, f"worker lost and no other worker is available for {rid}") from None
+        left = p.params.max_tokens - len(out_ids)
+        params = replace(
+            p.params, max_tokens=max(left, 1), min_tokens=max(p.params.min_tokens - len(out_ids), 0)
+        )
+        self.metrics.reruns += 1
+        log.warning("re-running %s on %s after %d tokens", rid, worker.address, len(out_ids))
+        return worker, worker.submit(
+            protocol.submit(rid, p.prompt_token_ids + out_ids, params, p.priority)
+        )
 
     def _observe(self, start: float, first_at: float | None, n_out: int, n_prompt: int) -> None:
         end = time.monotonic()

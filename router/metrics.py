@@ -41,6 +41,7 @@ class RouterMetrics:
         self.requests = defaultdict(int)  # outcome -> count
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.reruns = 0  # requests continued on another worker after theirs died
         self.ttft = Histogram("tandem_request_ttft_seconds", "Time to first token")
         self.tpot = Histogram(
             "tandem_request_tpot_seconds", "Time per output token after the first"
@@ -59,6 +60,9 @@ class RouterMetrics:
             f"tandem_prompt_tokens_total {self.prompt_tokens}",
             "# TYPE tandem_generation_tokens_total counter",
             f"tandem_generation_tokens_total {self.generation_tokens}",
+            "# HELP tandem_router_reruns_total Requests continued on another worker after theirs died",
+            "# TYPE tandem_router_reruns_total counter",
+            f"tandem_router_reruns_total {self.reruns}",
         ]
         for h in (self.ttft, self.tpot, self.e2e):
             lines += h.render()

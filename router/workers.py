@@ -16,6 +16,10 @@ from tandem import protocol
 
 log = logging.getLogger("tandem.router")
 
+# Error prefix of the item every in-flight request gets when its worker's connection is
+# lost: the router may re-run such a request elsewhere (nothing more will come from here).
+WORKER_LOST = "worker-lost:"
+
 
 class WorkerClient:
     def __init__(self, address: str) -> None:
@@ -101,5 +105,7 @@ class WorkerClient:
             self._writer = None
             self.hello = None
             for rid, q in list(self._queues.items()):
-                q.put_nowait([rid, [], None, f"worker {self.address} disconnected", None])
+                q.put_nowait(
+                    [rid, [], None, f"{WORKER_LOST} worker {self.address} disconnected", None]
+                )
             self._queues.clear()

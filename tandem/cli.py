@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="a worker to use (repeatable)",
     )
+    p.add_argument(
+        "--registry", default=None, help="registry URL (redis://host:port): find workers there"
+    )
     _add_http_args(p)
 
     p = sub.add_parser("decode-worker", help="a worker process behind the router")
@@ -111,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument(
         "--port", type=int, default=0, help="control port (default: a free one, printed)"
+    )
+    p.add_argument(
+        "--registry", default=None, help="registry URL (redis://host:port) to register in"
+    )
+    p.add_argument("--worker-id", default=None, help="id in the registry (default: random)")
+    p.add_argument("--advertise-host", default=None, help="host the router dials (default: --host)")
+    p.add_argument(
+        "--registry-ttl", type=float, default=5.0, help="seconds a silent worker stays registered"
+    )
+    p.add_argument(
+        "--fake-engine",
+        action="store_true",
+        help="model-free engine that emits tokens without a model (control-plane benchmarks)",
+    )
+    p.add_argument(
+        "--fake-step-ms", type=float, default=0.0, help="--fake-engine: ms per step (0: no wait)"
     )
 
     p = sub.add_parser("generate", help="offline generation (no server)")
@@ -197,19 +216,47 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     import asyncio
 
     from decode_worker.service import WorkerService
-    from tandem.engine.llm_engine import LLMEngine
 
-    config = _engine_config(args, parser)
+    if args.fake_engine:  # no model, no torch: measures the control plane alone
+        from decode_worker.fake_engine import FakeEngine, fake_engine_config
+
+        try:
+            engine = FakeEngine(fake_engine_config(args), step_time_s=args.fake_step_ms / 1000)
+        except (ValueError, OSError) as e:
+            parser.error(str(e))
+    else:
+        from tandem.engine.llm_engine import LLMEngine
+
+        config = _engine_config(args, parser)
+        try:
+            engine = LLMEngine(config)
+        except (ValueError, OSError) as e:
+            parser.error(str(e))
+
+    from tandem.registry import make_registry
+
     try:
-        engine = LLMEngine(config)
-    except (ValueError, OSError) as e:
-        parser.error(str(e))
+        registry = make_registry(args.registry) if args.registry else None
+    except ValueError as e:
+        parser.error(f"--registry: {e}")
 
     async def run() -> None:
-        service = WorkerService(engine, args.host, args.port, role="colocated")
+        service = WorkerService(
+            engine,
+            args.host,
+            args.port,
+            role="colocated",
+            registry=registry,
+            worker_id=args.worker_id,
+            advertise_host=args.advertise_host,
+            ttl=args.registry_ttl,
+        )
         port = await service.start()
         print(f"TANDEM_WORKER_READY {args.host}:{port}", flush=True)
-        await service.serve_forever()
+        try:
+            await service.serve_forever()
+        finally:
+            await service.shutdown()
 
     _install_uvloop()
     asyncio.run(run())
@@ -217,8 +264,8 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def _router(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if not args.worker:
-        parser.error("--worker HOST:PORT is required (repeat it for several workers)")
+    if not args.worker and not args.registry:
+        parser.error("give --worker HOST:PORT (repeatable) or --registry URL")
     model = args.model
     if model is None:
         from tandem.tinymodel import default_model_dir
@@ -242,6 +289,7 @@ def _run_router(
             model_dir=model,
             served_model_name=args.served_model_name or Path(model).name,
             workers=tuple(workers),
+            registry_url=getattr(args, "registry", None),
             max_in_flight=args.max_in_flight,
             request_timeout=args.request_timeout,
         )
