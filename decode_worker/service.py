@@ -139,6 +139,7 @@ class WorkerService:
             "model": e.config.model,
             "compat": e.compat_hash,
             "kv_blocks": e.config.cache.num_blocks,
+            "max_num_seqs": e.config.scheduler.max_num_seqs,
             "max_model_len": e.config.scheduler.max_model_len,
             "vocab_size": e.model_config.vocab_size,
             "eos_token_ids": list(e.model_config.eos_token_ids),

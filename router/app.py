@@ -31,12 +31,14 @@ from typing import Any
 
 from aiohttp import web
 
+from router.admission import AdmissionQueue
 from router.metrics import RouterMetrics
 from router.openai_api import ApiError, ParsedRequest, parse_chat, parse_completion
 from router.workers import WORKER_LOST, WorkerClient
 from tandem import protocol
 from tandem.detokenizer import IncrementalDetokenizer, special_token_ids
 from tandem.registry import make_registry
+from tandem.sched.cost_model import CostModel
 from tandem.tokenizer import FastTokenizer
 
 log = logging.getLogger("tandem.router")
@@ -51,6 +53,7 @@ class RouterConfig:
     max_in_flight: int = 4096
     request_timeout: float = 600.0
     max_reruns: int = 2  # times a request is continued elsewhere after its worker died
+    cost_model: str | None = None  # JSON CostModel for skip-join admission (default: generic)
 
     def __post_init__(self) -> None:
         if not self.workers and not self.registry_url:
@@ -68,6 +71,8 @@ class Router:
         self.special_ids = special_token_ids(self.tokenizer)
         self.workers = [WorkerClient(a) for a in config.workers]
         self.registry = make_registry(config.registry_url) if config.registry_url else None
+        cost = CostModel.load(config.cost_model) if config.cost_model else None
+        self.admission = AdmissionQueue(lambda: self.workers, cost_model=cost)
         self.metrics = RouterMetrics()
         self.in_flight = 0
         self._ids = itertools.count()
@@ -172,7 +177,8 @@ class Router:
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         stats = {w.address: w.stats for w in self.workers}
-        return web.Response(text=self.metrics.render(stats), content_type="text/plain")
+        text = self.metrics.render(stats, self.admission.lengths())
+        return web.Response(text=text, content_type="text/plain")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._openai(request, chat=False)
@@ -214,8 +220,7 @@ class Router:
     async def _run(self, request: web.Request, p: ParsedRequest) -> web.StreamResponse:
         rid = f"{'chatcmpl' if p.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        worker = self._pick_worker()
-        queue = worker.submit(protocol.submit(rid, p.prompt_token_ids, p.params, p.priority))
+        worker, queue = await self._dispatch(rid, p)
         detok = IncrementalDetokenizer(
             self.tokenizer,
             p.prompt_token_ids,
@@ -314,7 +319,25 @@ class Router:
             raise
         finally:
             worker.release(rid)
+            self.admission.wake()
             self.metrics.requests[outcome] += 1
+
+    async def _dispatch(self, rid: str, p: ParsedRequest) -> tuple[WorkerClient, asyncio.Queue]:
+        """Wait in the admission MLFQ for a worker slot, then submit (504 after the timeout)."""
+        try:
+            worker, granted = await asyncio.wait_for(
+                self.admission.admit(len(p.prompt_token_ids), p.priority),
+                self.config.request_timeout,
+            )
+        except asyncio.TimeoutError:
+            raise ApiError(
+                504, f"no worker slot within {self.config.request_timeout:.0f}s"
+            ) from None
+        try:
+            queue = worker.submit(protocol.submit(rid, p.prompt_token_ids, p.params, p.priority))
+        finally:
+            self.admission.submitted(worker, granted)
+        return worker, queue
 
     def _rerun(
         self, rid: str, p: ParsedRequest, out_ids: list[int], dead: WorkerClient
@@ -449,8 +472,7 @@ class Router:
 
     async def _generate(self, request: web.Request, p: ParsedRequest) -> web.StreamResponse:
         rid = f"gen-{uuid.uuid4().hex[:24]}"
-        worker = self._pick_worker()
-        queue = worker.submit(protocol.submit(rid, p.prompt_token_ids, p.params, p.priority))
+        worker, queue = await self._dispatch(rid, p)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         outcome = "abort"
         try:
@@ -474,6 +496,7 @@ class Router:
             raise
         finally:
             worker.release(rid)
+            self.admission.wake()
             self.metrics.requests[outcome] += 1
 
 

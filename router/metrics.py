@@ -48,7 +48,7 @@ class RouterMetrics:
         )
         self.e2e = Histogram("tandem_request_e2e_seconds", "End-to-end request latency (JCT)")
 
-    def render(self, workers: dict[str, dict]) -> str:
+    def render(self, workers: dict[str, dict], queue_lengths: dict[int, int] | None = None) -> str:
         lines = [
             "# HELP tandem_requests_total Requests by outcome",
             "# TYPE tandem_requests_total counter",
@@ -66,6 +66,12 @@ class RouterMetrics:
         ]
         for h in (self.ttft, self.tpot, self.e2e):
             lines += h.render()
+        lines += [
+            "# HELP tandem_router_queue_length Requests waiting for admission, per MLFQ level",
+            "# TYPE tandem_router_queue_length gauge",
+        ]
+        for level, n in sorted((queue_lengths or {}).items()):
+            lines.append(f'tandem_router_queue_length{{level="{level}"}} {n}')
         gauges = {
             "kv_free": ("tandem_worker_kv_blocks_free", "Free KV blocks per worker"),
             "kv_used": ("tandem_worker_kv_blocks_used", "Used KV blocks per worker"),

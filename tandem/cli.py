@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--registry", default=None, help="registry URL (redis://host:port): find workers there"
     )
+    p.add_argument("--cost-model", default=None, help="cost model JSON for skip-join admission")
     _add_http_args(p)
 
     p = sub.add_parser("decode-worker", help="a worker process behind the router")
@@ -290,6 +291,7 @@ def _run_router(
             served_model_name=args.served_model_name or Path(model).name,
             workers=tuple(workers),
             registry_url=getattr(args, "registry", None),
+            cost_model=getattr(args, "cost_model", None),
             max_in_flight=args.max_in_flight,
             request_timeout=args.request_timeout,
         )
