@@ -17,9 +17,10 @@ Everything runs on one event loop: the checks before each ``await`` are atomic.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -181,16 +182,32 @@ class InboundTransfers:
         log.warning(
             "KV transfer of %r: lease of %ss lapsed mid-payload; freeing it", rid, self.lease_s
         )
-        task = asyncio.ensure_future(self._abort(rid, entry.block_ids))
-        self._aborts.add(task)
-        task.add_done_callback(self._aborts.discard)
+        # A plain abort runs now, so the id is free again the moment the lease lapses.
+        pending = self._start_abort(rid, entry.block_ids)
+        if pending is not None:
+            task = asyncio.ensure_future(self._finish_abort(rid, entry.block_ids, pending))
+            self._aborts.add(task)
+            task.add_done_callback(self._aborts.discard)
         if entry.on_expire is not None:
             entry.on_expire()
 
     async def _abort(self, rid: str, block_ids: list[int]) -> None:
+        pending = self._start_abort(rid, block_ids)
+        if pending is not None:
+            await self._finish_abort(rid, block_ids, pending)
+
+    def _start_abort(self, rid: str, block_ids: list[int]) -> Awaitable[Any] | None:
         try:
-            await call(self.callbacks.abort, rid, list(block_ids))
+            result = self.callbacks.abort(rid, list(block_ids))
         except Exception:  # a failing abort leaks blocks: loud, but the receiver goes on
+            log.exception("abort callback failed for %r (blocks %s may leak)", rid, block_ids)
+            return None
+        return result if inspect.isawaitable(result) else None
+
+    async def _finish_abort(self, rid: str, block_ids: list[int], pending: Awaitable[Any]) -> None:
+        try:
+            await pending
+        except Exception:
             log.exception("abort callback failed for %r (blocks %s may leak)", rid, block_ids)
 
     def _forget(self, rid: str, entry: _Inbound) -> None:

@@ -111,6 +111,8 @@ class TcpKVReceiver(KVReceiver):
                 pass
         except _CONN_ERRORS as e:
             log.debug("KV connection from %s ended: %r", writer.get_extra_info("peername"), e)
+        except asyncio.CancelledError:
+            pass  # close() ended it; end quietly (asyncio logs a cancelled handler task)
         finally:
             self._conns.discard(task)
             writer.transport.abort()

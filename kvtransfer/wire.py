@@ -132,10 +132,14 @@ class Offer:
         cls, request_id: str, num_tokens: int, p: torch.Tensor, compat_hash: str, state_nbytes: int
     ) -> Offer:
         """The offer for sending ``p``; ``ValueError`` if it is not a valid payload."""
+        if p.dim() != 6:
+            raise ValueError(
+                f"payload shape must be [layers, 2, n_blocks, block_size, Hkv, D], got {list(p.shape)}"
+            )
         offer = cls(
             request_id=request_id,
             compat_hash=compat_hash,
-            num_blocks=p.shape[2] if p.dim() == 6 else -1,
+            num_blocks=p.shape[2],
             num_tokens=num_tokens,
             state_nbytes=state_nbytes,
             payload_nbytes=p.numel() * p.element_size(),
