@@ -2,8 +2,11 @@
 
 Starts, as real processes on loopback, one ``tandem decode-worker --fake-engine`` (it emits
 one token per running request every ``--fake-step-ms``, no model) and one ``tandem router``
-pinned to CPU 0 (``taskset -c 0``); the worker and this client share the other CPUs. Then,
-one phase after another on the same two processes:
+pinned to CPU 0 (``taskset -c 0``); the worker and this client run on the other CPUs. HTTP
+connections are opened at most ``--connect-concurrency`` at a time (the streams themselves
+all run at once): aiohttp's listen backlog is 128, and a burst of 1000 connects overflows it
+(SYN retransmits of 1, 3, 7, 15 s show up as TTFT). Then, one phase after another on the
+same two processes:
 
 - ``direct``: N streams submitted straight to the worker over its msgpack control port
   (no router, no HTTP). Its inter-token latency (ITL) is the engine's own step interval as
@@ -12,10 +15,11 @@ one phase after another on the same two processes:
   ``stream: true`` (prompt as token ids, which skips tokenization, or as a short string),
   max_tokens tokens each with ignore_eos.
 
-For each phase: output tokens/s (all tokens over the phase's wall time, and over the
-window in which every stream was live), client-side ITL p50/p99 (gaps between consecutive
-tokens of one stream, pooled), TTFT p50/p99, the router's CPU use (its /proc counters
-over the phase, in % of one core) and the client's. The router's added p99 ITL is read
+For each phase: output tokens/s (all tokens over the phase's wall time, and "steady": over
+the window in which at least 90% of the streams were live), client-side ITL p50/p99 (gaps
+between consecutive tokens of one stream, pooled), TTFT p50/p99, the router's CPU use (its
+/proc counters over the phase, in % of one core: the average, and the peak over 0.5 s
+windows, which shows saturation that the average hides) and the worker's and the client's. The router's added p99 ITL is read
 against both the engine step (``p99 - step``) and the direct phase (``p99 - direct p99``).
 
 The fake engine's tokens are ids that decode on their own, so each token is one SSE event
@@ -90,6 +94,7 @@ class Phase:
     itl: list[float] = field(default_factory=list)
     ttft: list[float] = field(default_factory=list)
     router_cpu_pct: float = float("nan")
+    router_cpu_peak_pct: float = float("nan")  # highest over 0.5 s windows
     worker_cpu_pct: float = float("nan")
     client_cpu_pct: float = float("nan")
     tcp: dict[str, int] = field(default_factory=dict)  # kernel counter deltas over the phase
@@ -107,10 +112,21 @@ def _finish(phase: Phase, t0: float, streams: list[tuple[float, list[float]]]) -
         if times:
             phase.ttft.append(times[0] - sent)
             phase.itl.extend(b - a for a, b in zip(times, times[1:], strict=False))
-    # Steady window: from the last stream's first token to the first stream's last token.
-    firsts = [times[0] for _, times in streams if times]
-    if firsts and ends and max(firsts) < min(ends):
-        lo, hi = max(firsts), min(ends)
+    # Steady window: while at least 90% of the streams are live (between their first and
+    # last tokens), so the ramp-up of connections and the tail do not dilute the rate.
+    edges = sorted(
+        [(times[0], 1) for _, times in streams if times]
+        + [(times[-1], -1) for _, times in streams if times]
+    )
+    live, lo, hi, threshold = 0, None, None, 0.9 * len(streams)
+    for t, step in edges:
+        was_steady = live >= threshold
+        live += step
+        if live >= threshold and lo is None:
+            lo = t
+        elif was_steady and live < threshold:
+            hi = t  # the last time it falls below the threshold wins
+    if lo is not None and hi is not None and hi > lo:
         n = sum(1 for _, times in streams for t in times if lo <= t <= hi)
         phase.steady_tok_s = n / (hi - lo)
     phase.itl.sort()
@@ -124,8 +140,12 @@ class Stack:
     def __init__(self, model: str, step_ms: float, concurrency: int, max_tokens: int) -> None:
         cpus = sorted(os.sched_getaffinity(0))
         self.pinned = len(cpus) >= 2 and shutil.which("taskset") is not None
+        # Router alone on the first CPU; with 3+ CPUs the worker and this client get one each
+        # (the client is one Python thread), with 2 they share the second.
         self.router_cpus = str(cpus[0])
-        self.other_cpus = ",".join(str(c) for c in cpus[1:]) if self.pinned else None
+        self.worker_cpus = str(cpus[1]) if self.pinned else None
+        client = cpus[2:] if len(cpus) >= 3 else cpus[1:]
+        self.client_cpus = ",".join(map(str, client)) if self.pinned else None
         env = {**os.environ, "TANDEM_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
         seqs = max(concurrency, 256)
         blocks = seqs * -(-(64 + max_tokens) // 16)
@@ -134,7 +154,7 @@ class Stack:
                "--fake-step-ms", str(step_ms), "--model", model, "--port", str(worker_port),
                "--max-num-seqs", str(seqs), "--kv-blocks", str(blocks)]  # fmt: skip
         self.worker = subprocess.Popen(
-            self._pin(cmd, self.other_cpus), env=env, stdout=subprocess.PIPE
+            self._pin(cmd, self.worker_cpus), env=env, stdout=subprocess.PIPE
         )
         self.worker_addr = self._wait_ready(self.worker)
         self.port = _free_port()
@@ -147,7 +167,7 @@ class Stack:
         self.url = f"http://127.0.0.1:{self.port}"
         self._wait_healthy()
         if self.pinned:
-            os.sched_setaffinity(0, {int(c) for c in self.other_cpus.split(",")})
+            os.sched_setaffinity(0, {int(c) for c in self.client_cpus.split(",")})
 
     def _pin(self, cmd: list[str], cpus: str | None) -> list[str]:
         return ["taskset", "-c", cpus, *cmd] if self.pinned and cpus else cmd
@@ -181,9 +201,8 @@ class Stack:
         raise RuntimeError("the router did not become healthy")
 
     def close(self) -> None:
-        for proc in (self.router, self.worker):
+        for proc in (self.router, self.worker):  # router first: it would log the lost worker
             proc.terminate()
-        for proc in (self.router, self.worker):
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -281,13 +300,27 @@ async def run_router(
     return phase
 
 
+async def _sample_cpu(pid: int, out: list[float], period: float = 0.5) -> None:
+    """Append a process's CPU % over each ``period`` (to see saturation behind an average)."""
+    last, t_last = _cpu_seconds(pid), time.perf_counter()
+    while True:
+        await asyncio.sleep(period)
+        now, t_now = _cpu_seconds(pid), time.perf_counter()
+        out.append(100 * (now - last) / (t_now - t_last))
+        last, t_last = now, t_now
+
+
 async def measure(coro, pids: dict[str, int]) -> Phase:
     cpu0 = {k: _cpu_seconds(p) for k, p in pids.items()}
     client0 = time.process_time()
     tcp0 = _tcp_counters()
     t0 = time.perf_counter()
+    peaks: list[float] = []
+    sampler = asyncio.create_task(_sample_cpu(pids["router"], peaks))
     phase = await coro
     wall = time.perf_counter() - t0
+    sampler.cancel()
+    phase.router_cpu_peak_pct = max(peaks, default=float("nan"))
     for k, p in pids.items():
         setattr(phase, f"{k}_cpu_pct", 100 * (_cpu_seconds(p) - cpu0[k]) / wall)
     phase.client_cpu_pct = 100 * (time.process_time() - client0) / wall
@@ -313,23 +346,37 @@ def report(phases: list[Phase], args: argparse.Namespace, stack: Stack) -> None:
             f"steady {p.steady_tok_s:.0f} tok/s, CPU % router {p.router_cpu_pct:.0f} "
             f"worker {p.worker_cpu_pct:.0f} client {p.client_cpu_pct:.0f}, kernel {p.tcp}"
         )
-    pin = f"router on CPU {stack.router_cpus}" if stack.pinned else "router NOT pinned (no taskset)"
+    pin = (
+        f"router on CPU {stack.router_cpus}, worker on {stack.worker_cpus}, "
+        f"client on {stack.client_cpus}"
+        if stack.pinned
+        else "NOT pinned (one CPU or no taskset)"
+    )
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")), "?",
+    )  # fmt: skip
+    print(f"machine: {os.cpu_count()} CPUs ({cpu}), load average at start {args.load_at_start}")
     print(
         f"\nconcurrency {args.concurrency}, fake step {args.fake_step_ms} ms, "
         f"max_tokens {args.max_tokens}, connect ramp {args.connect_concurrency or 'off'}, {pin}\n"
     )
     print(
-        "| path | concurrency | tokens/s | steady tok/s | p50 ITL ms | p99 ITL ms "
-        "| added p99 vs step ms | added p99 vs direct ms | router CPU % |"
+        "| path | concurrency | tokens/s | steady tok/s | p99 TTFT ms | p50 ITL ms | p99 ITL ms "
+        "| added p99 vs step ms | added p99 vs direct ms | router CPU % avg / peak |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for p in phases:
         p99 = _pct(p.itl, 0.99)
         vs_direct = "" if direct is None or p is direct else _ms(p99 - _pct(direct.itl, 0.99))
-        cpu = "" if p is direct else f"{p.router_cpu_pct:.0f}"
+        vs_step = _ms(p99 - step)
+        if step == 0:  # flat out, tokens queue and arrive in bursts: ITL measures batching
+            vs_direct = vs_step = "n/a"
+        cpu = "" if p is direct else f"{p.router_cpu_pct:.0f} / {p.router_cpu_peak_pct:.0f}"
         print(
             f"| {p.name} | {p.n_streams} | {p.tok_s:.0f} | {p.steady_tok_s:.0f} "
-            f"| {_ms(_pct(p.itl, 0.5))} | {_ms(p99)} | {_ms(p99 - step)} | {vs_direct} | {cpu} |"
+            f"| {_ms(_pct(p.ttft, 0.99))} "
+            f"| {_ms(_pct(p.itl, 0.5))} | {_ms(p99)} | {vs_step} | {vs_direct} | {cpu} |"
         )
 
 
@@ -384,11 +431,15 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
+    args.load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     stack = Stack(model, args.fake_step_ms, args.concurrency, args.max_tokens)
     try:
         phases = asyncio.run(main_async(args, stack))
+        exits = {"worker": stack.worker.poll(), "router": stack.router.poll()}
     finally:
         stack.close()
+    if any(p.n_failed for p in phases) or any(code is not None for code in exits.values()):
+        print(f"\nFAILED streams; process exit codes before shutdown (None = alive): {exits}")
     report(phases, args, stack)
 
 

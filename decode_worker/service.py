@@ -143,7 +143,37 @@ class WorkerService:
             "max_model_len": e.config.scheduler.max_model_len,
             "vocab_size": e.model_config.vocab_size,
             "eos_token_ids": list(e.model_config.eos_token_ids),
+            **self.extra_hello(),
         }
+
+    # Hooks for the prefill / decode roles (subclasses); the colocated worker needs none.
+    def extra_hello(self) -> dict[str, Any]:
+        return {}
+
+    def on_message(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        """A message type the base service does not know (asyncio thread)."""
+        log.warning("ignoring unknown message type %r", msg.get("type"))
+
+    def after_step(self, outputs: list[Any]) -> None:
+        """Engine thread, after the step's token frames were queued."""
+
+    def on_unowned(self, request_id: str, item: list[Any]) -> None:
+        """Engine thread: tokens of a request no router connection owns (yet)."""
+
+    async def in_engine(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the engine thread (which owns the engine) and await its result."""
+        import concurrent.futures
+
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as e:  # handed to the awaiting coroutine
+                done.set_exception(e)
+
+        self._post(run)
+        return await asyncio.wrap_future(done)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn(writer)
@@ -158,7 +188,7 @@ class WorkerService:
                 elif kind == "abort":
                     self._post(lambda ids=list(msg["request_ids"]): self._abort(ids))
                 else:
-                    log.warning("ignoring unknown message type %r", kind)
+                    self.on_message(conn, msg)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except protocol.ProtocolError as e:
@@ -222,20 +252,22 @@ class WorkerService:
                 batches: dict[int, tuple[_Conn, list[list[Any]]]] = {}
                 for out in outputs:
                     conn = self._owner.get(out.request_id)
-                    if conn is None:
-                        continue
                     lp = (
                         out.logprobs[-len(out.new_token_ids) :]
                         if out.logprobs and out.new_token_ids
                         else None
                     )
                     item = [out.request_id, out.new_token_ids, out.finish_reason, None, lp]
+                    if conn is None:
+                        self.on_unowned(out.request_id, item)
+                        continue
                     batches.setdefault(id(conn), (conn, []))[1].append(item)
                     if out.finished:
                         self._owner.pop(out.request_id, None)
                         conn.requests.discard(out.request_id)
                 for conn, items in batches.values():
                     self._send(conn, {"type": "tokens", "items": items})
+                self.after_step(outputs)
             else:
                 self._wake.wait(timeout=STATS_PERIOD_S)
                 self._wake.clear()

@@ -20,7 +20,6 @@ Endpoints: POST /v1/completions, /v1/chat/completions, /generate; GET /v1/models
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -34,7 +33,7 @@ from aiohttp import web
 from router.admission import AdmissionQueue
 from router.metrics import RouterMetrics
 from router.openai_api import ApiError, ParsedRequest, parse_chat, parse_completion
-from router.workers import WORKER_LOST, WorkerClient
+from router.workers import WORKER_LOST, Route, WorkerClient
 from tandem import protocol
 from tandem.detokenizer import IncrementalDetokenizer, special_token_ids
 from tandem.registry import make_registry
@@ -72,7 +71,9 @@ class Router:
         self.workers = [WorkerClient(a) for a in config.workers]
         self.registry = make_registry(config.registry_url) if config.registry_url else None
         cost = CostModel.load(config.cost_model) if config.cost_model else None
-        self.admission = AdmissionQueue(lambda: self.workers, cost_model=cost)
+        self.admission = AdmissionQueue(
+            lambda: [w for w in self.workers if w.role != "prefill"], cost_model=cost
+        )
         self.metrics = RouterMetrics()
         self.in_flight = 0
         self._ids = itertools.count()
@@ -81,6 +82,7 @@ class Router:
     async def start(self, app: web.Application) -> None:
         await asyncio.gather(*(w.connect() for w in self.workers))
         self._static = {w.address for w in self.workers}
+        self._connecting: set[str] = set()
         self._tasks = [asyncio.create_task(self._keep_connected())]
         if self.registry is not None:
             await self._sync_registry()
@@ -105,9 +107,7 @@ class Router:
     async def _sync_registry(self) -> None:
         """Connect to newly registered workers; drop those whose entry expired."""
         assert self.registry is not None
-        live = {
-            i.address for i in await self.registry.workers() if i.role in ("decode", "colocated")
-        }
+        live = {i.address for i in await self.registry.workers()}  # prefill, decode, colocated
         known = {w.address for w in self.workers}
         for address in live - known:
             client = WorkerClient(address)
@@ -119,23 +119,26 @@ class Router:
             self.workers.remove(w)
             await w.close()  # its in-flight requests are re-run on the others
 
-    async def _connect_quietly(self, client: WorkerClient) -> None:
-        with contextlib.suppress(ConnectionError, OSError, protocol.ProtocolError):
-            await client.connect(timeout=10.0)
+    async def _connect_quietly(self, client: WorkerClient, timeout: float = 10.0) -> None:
+        """One connection attempt; failures are retried by ``_keep_connected``."""
+        if client.address in self._connecting:
+            return
+        self._connecting.add(client.address)
+        try:
+            await client.connect(timeout=timeout)
+        except Exception as e:  # refused, reset mid-hello, bad hello: try again later
+            log.info("worker %s not reachable yet: %s", client.address, e)
+        finally:
+            self._connecting.discard(client.address)
 
     async def _keep_connected(self) -> None:
+        """Reconnect every known worker that is down (static ones, and registered ones until
+        their registry entry expires)."""
         while True:
             await asyncio.sleep(1.0)
-            for w in self.workers:
-                if w.address in self._static and not w.connected:
-                    with contextlib.suppress(ConnectionError, OSError, protocol.ProtocolError):
-                        await w.connect(timeout=0.5)
-
-    def _pick_worker(self, exclude: WorkerClient | None = None) -> WorkerClient:
-        live = [w for w in self.workers if w.connected and w is not exclude]
-        if not live:
-            raise ApiError(503, "no worker is available")
-        return min(live, key=lambda w: w.in_flight)
+            for w in list(self.workers):
+                if not w.connected:
+                    await self._connect_quietly(w, timeout=0.5)
 
     @property
     def max_model_len(self) -> int:
@@ -220,7 +223,11 @@ class Router:
     async def _run(self, request: web.Request, p: ParsedRequest) -> web.StreamResponse:
         rid = f"{'chatcmpl' if p.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        worker, queue = await self._dispatch(rid, p)
+        try:
+            worker, queue = await self._dispatch(rid, p)
+        except ApiError as e:
+            self.metrics.requests["error"] += 1
+            return _error(e)
         detok = IncrementalDetokenizer(
             self.tokenizer,
             p.prompt_token_ids,
@@ -322,8 +329,9 @@ class Router:
             self.admission.wake()
             self.metrics.requests[outcome] += 1
 
-    async def _dispatch(self, rid: str, p: ParsedRequest) -> tuple[WorkerClient, asyncio.Queue]:
-        """Wait in the admission MLFQ for a worker slot, then submit (504 after the timeout)."""
+    async def _dispatch(self, rid: str, p: ParsedRequest) -> tuple[Route, asyncio.Queue]:
+        """Wait in the admission MLFQ for a slot on a decode (or colocated) worker, then
+        submit (504 after the timeout)."""
         try:
             worker, granted = await asyncio.wait_for(
                 self.admission.admit(len(p.prompt_token_ids), p.priority),
@@ -334,14 +342,29 @@ class Router:
                 504, f"no worker slot within {self.config.request_timeout:.0f}s"
             ) from None
         try:
-            queue = worker.submit(protocol.submit(rid, p.prompt_token_ids, p.params, p.priority))
+            return self._route(worker, rid, p.prompt_token_ids, p.params, p.priority)
         finally:
             self.admission.submitted(worker, granted)
-        return worker, queue
+
+    def _route(self, worker: WorkerClient, rid: str, prompt: list[int], params, priority: int):
+        """Submit to a colocated worker, or through a prefill worker to decode ``worker``."""
+        msg = protocol.submit(rid, prompt, params, priority)
+        if worker.role != "decode":
+            return Route([worker]), worker.submit(msg)
+        prefills = [w for w in self.workers if w.connected and w.role == "prefill"]
+        if not prefills:
+            raise ApiError(503, "no prefill worker is available for the decode pool")
+        prefill = min(
+            prefills, key=lambda w: (w.stats.get("queued_prefill_tokens", 0), w.in_flight)
+        )
+        queue: asyncio.Queue = asyncio.Queue()
+        worker.expect(rid, queue)  # before the prompt goes out: its tokens come back here
+        prefill.submit({**msg, "decode_kv": worker.hello["kv_address"]}, queue)
+        return Route([prefill, worker]), queue
 
     def _rerun(
-        self, rid: str, p: ParsedRequest, out_ids: list[int], dead: WorkerClient
-    ) -> tuple[WorkerClient, asyncio.Queue]:
+        self, rid: str, p: ParsedRequest, out_ids: list[int], dead: Route
+    ) -> tuple[Route, asyncio.Queue]:
         """Continue a request whose worker died on another one, from where it stopped.
 
         The new prompt is the original prompt plus every token already streamed, and
@@ -349,19 +372,23 @@ class Router:
         repeat (greedy output is identical; sampled output stays valid). Raises 502 when
         no other worker is up.
         """
-        try:
-            worker = self._pick_worker(exclude=dead)
-        except ApiError:
-            raise ApiError(502, f"worker lost and no other worker is available for {rid}") from None
+        dead.abort(rid)  # whichever part of the old route survived lets go of it
+        dead.release(rid)
+        candidates = [
+            w for w in self.workers if w.connected and w.role != "prefill" and w not in dead.clients
+        ]
+        if not candidates:
+            candidates = [w for w in self.workers if w.connected and w.role != "prefill"]
+        if not candidates:
+            raise ApiError(502, f"worker lost and no other worker is available for {rid}")
+        worker = min(candidates, key=lambda w: w.in_flight)
         left = p.params.max_tokens - len(out_ids)
         params = replace(
             p.params, max_tokens=max(left, 1), min_tokens=max(p.params.min_tokens - len(out_ids), 0)
         )
         self.metrics.reruns += 1
         log.warning("re-running %s on %s after %d tokens", rid, worker.address, len(out_ids))
-        return worker, worker.submit(
-            protocol.submit(rid, p.prompt_token_ids + out_ids, params, p.priority)
-        )
+        return self._route(worker, rid, p.prompt_token_ids + out_ids, params, p.priority)
 
     def _observe(self, start: float, first_at: float | None, n_out: int, n_prompt: int) -> None:
         end = time.monotonic()
@@ -472,7 +499,11 @@ class Router:
 
     async def _generate(self, request: web.Request, p: ParsedRequest) -> web.StreamResponse:
         rid = f"gen-{uuid.uuid4().hex[:24]}"
-        worker, queue = await self._dispatch(rid, p)
+        try:
+            worker, queue = await self._dispatch(rid, p)
+        except ApiError as e:
+            self.metrics.requests["error"] += 1
+            return _error(e)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         outcome = "abort"
         try:

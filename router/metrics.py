@@ -87,6 +87,27 @@ class RouterMetrics:
                 "tandem_worker_swapped_in_blocks_total",
                 "Blocks swapped in per worker",
             ),
+            "handoffs_ok": (
+                "tandem_worker_kv_handoffs_total",
+                "KV handoffs sent (prefill workers)",
+            ),
+            "handoffs_failed": (
+                "tandem_worker_kv_handoffs_failed_total",
+                "KV handoffs that fell back to local decode",
+            ),
+            "kv_in_transfers": (
+                "tandem_worker_kv_received_total",
+                "KV handoffs received (decode workers)",
+            ),
+            "kv_in_bytes": ("tandem_worker_kv_handoff_bytes_total", "KV handoff bytes received"),
+            "kv_in_seconds": (
+                "tandem_worker_kv_handoff_seconds_total",
+                "KV handoff seconds (offer to done)",
+            ),
+            "queued_prefill_tokens": (
+                "tandem_worker_queued_prefill_tokens",
+                "Prompt tokens waiting (prefill workers)",
+            ),
         }
         for key, (name, help_text) in gauges.items():
             kind = "counter" if name.endswith("_total") else "gauge"

@@ -70,13 +70,25 @@ class WorkerClient:
             self._writer.close()
         self._writer = None
 
-    def submit(self, msg: dict[str, Any]) -> asyncio.Queue:
+    def submit(self, msg: dict[str, Any], q: asyncio.Queue | None = None) -> asyncio.Queue:
         if self._writer is None:
             raise ConnectionError(f"worker {self.address} is not connected")
-        q: asyncio.Queue = asyncio.Queue()
+        q = q if q is not None else asyncio.Queue()
         self._queues[msg["request_id"]] = q
         self._writer.write(protocol.encode(msg))
         return q
+
+    @property
+    def role(self) -> str:
+        return (self.hello or {}).get("role", "colocated")
+
+    def expect(self, request_id: str, q: asyncio.Queue) -> None:
+        """Tell a decode worker that ``request_id``'s KV will come from a prefill worker;
+        its tokens will arrive on this connection, into ``q``."""
+        if self._writer is None:
+            raise ConnectionError(f"worker {self.address} is not connected")
+        self._queues[request_id] = q
+        self._writer.write(protocol.encode({"type": "expect", "request_id": request_id}))
 
     def abort(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
@@ -99,6 +111,9 @@ class WorkerClient:
                                 self._queues.pop(item[0], None)
                 elif msg["type"] == "stats":
                     self.stats = msg
+                elif msg["type"] == "handoff":
+                    # The request now lives on its decode worker; nothing more comes from here.
+                    self._queues.pop(msg["request_id"], None)
         except (asyncio.IncompleteReadError, ConnectionError, protocol.ProtocolError) as e:
             log.warning("lost worker %s: %s", self.address, e)
         finally:
@@ -109,3 +124,23 @@ class WorkerClient:
                     [rid, [], None, f"{WORKER_LOST} worker {self.address} disconnected", None]
                 )
             self._queues.clear()
+
+
+class Route:
+    """The workers one request touches: its colocated worker, or its prefill worker and
+    the decode worker that takes it over. Aborts and releases go to all of them."""
+
+    def __init__(self, clients: list[WorkerClient]) -> None:
+        self.clients = clients
+
+    @property
+    def address(self) -> str:
+        return " -> ".join(c.address for c in self.clients)
+
+    def abort(self, request_id: str) -> None:
+        for c in self.clients:
+            c.abort(request_id)
+
+    def release(self, request_id: str) -> None:
+        for c in self.clients:
+            c.release(request_id)

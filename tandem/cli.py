@@ -62,6 +62,29 @@ def _add_http_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--port", type=int, default=0, help="control port (default: a free one, printed)"
+    )
+    p.add_argument(
+        "--registry", default=None, help="registry URL (redis://host:port) to register in"
+    )
+    p.add_argument("--worker-id", default=None, help="id in the registry (default: random)")
+    p.add_argument("--advertise-host", default=None, help="host the router dials (default: --host)")
+    p.add_argument(
+        "--registry-ttl", type=float, default=5.0, help="seconds a silent worker stays registered"
+    )
+    p.add_argument(
+        "--fake-engine",
+        action="store_true",
+        help="no model: emit tokens to measure the control plane",
+    )
+    p.add_argument(
+        "--fake-step-ms", type=float, default=0.0, help="with --fake-engine: ms per iteration"
+    )
+
+
 _ENGINE_FLAGS = (
     "model", "device", "dtype", "seed", "block_size", "kv_blocks", "host_kv_blocks", "max_num_seqs",
     "max_num_batched_tokens", "policy", "max_model_len", "cost_model",
@@ -107,31 +130,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-model", default=None, help="cost model JSON for skip-join admission")
     _add_http_args(p)
 
-    p = sub.add_parser("decode-worker", help="a worker process behind the router")
-    _add_engine_args(p)
-    p.add_argument(
-        "--colocated", action="store_true", help="also run prefill (the only mode today)"
-    )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument(
-        "--port", type=int, default=0, help="control port (default: a free one, printed)"
-    )
-    p.add_argument(
-        "--registry", default=None, help="registry URL (redis://host:port) to register in"
-    )
-    p.add_argument("--worker-id", default=None, help="id in the registry (default: random)")
-    p.add_argument("--advertise-host", default=None, help="host the router dials (default: --host)")
-    p.add_argument(
-        "--registry-ttl", type=float, default=5.0, help="seconds a silent worker stays registered"
-    )
-    p.add_argument(
-        "--fake-engine",
-        action="store_true",
-        help="model-free engine that emits tokens without a model (control-plane benchmarks)",
-    )
-    p.add_argument(
-        "--fake-step-ms", type=float, default=0.0, help="--fake-engine: ms per step (0: no wait)"
-    )
+    for name, help_text in (
+        ("decode-worker", "a decode worker (receives KV from prefill workers), or --colocated"),
+        ("prefill-worker", "a prefill worker: chunked prefill, then KV handoff to a decode worker"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        _add_engine_args(p)
+        _add_worker_args(p)
+        if name == "decode-worker":
+            p.add_argument(
+                "--colocated", action="store_true", help="also run prefill: no KV handoff"
+            )
+            p.add_argument(
+                "--kv-port", type=int, default=0, help="KV receiver port (default: a free one)"
+            )
+            p.add_argument(
+                "--kv-lease",
+                type=float,
+                default=30.0,
+                help="seconds a KV reservation waits for its bytes",
+            )
+        else:
+            p.add_argument(
+                "--kv-timeout", type=float, default=30.0, help="seconds a KV handoff may take"
+            )
 
     p = sub.add_parser("generate", help="offline generation (no server)")
     p.add_argument("prompts", nargs="+", help="prompt strings; all run together in one batch")
@@ -241,17 +263,43 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     except ValueError as e:
         parser.error(f"--registry: {e}")
 
+    common = dict(
+        host=args.host,
+        port=args.port,
+        registry=registry,
+        worker_id=args.worker_id,
+        advertise_host=args.advertise_host,
+        ttl=args.registry_ttl,
+    )
+    prefill = args.command == "prefill-worker"
+    colocated = not prefill and (args.colocated or args.fake_engine)
+    if args.fake_engine and prefill:
+        parser.error("--fake-engine runs colocated only (it has no KV to hand off)")
+
     async def run() -> None:
-        service = WorkerService(
-            engine,
-            args.host,
-            args.port,
-            role="colocated",
-            registry=registry,
-            worker_id=args.worker_id,
-            advertise_host=args.advertise_host,
-            ttl=args.registry_ttl,
-        )
+        if prefill:
+            from kvtransfer import make_sender
+            from prefill_worker.service import PrefillWorkerService
+
+            sender = make_sender("tcp", engine.compat_hash, timeout_s=args.kv_timeout)
+            service = PrefillWorkerService(engine, kv_sender=sender, **common)
+        elif colocated:
+            service = WorkerService(engine, role="colocated", **common)
+        else:
+            from decode_worker.disagg import DecodeWorkerService
+            from kvtransfer import make_receiver
+
+            def receiver(callbacks):
+                return make_receiver(
+                    "tcp",
+                    engine.compat_hash,
+                    callbacks,
+                    host=args.host,
+                    port=args.kv_port,
+                    lease_s=args.kv_lease,
+                )
+
+            service = DecodeWorkerService(engine, kv_receiver_factory=receiver, **common)
         port = await service.start()
         print(f"TANDEM_WORKER_READY {args.host}:{port}", flush=True)
         try:
@@ -382,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
         "router": _router,
         "decode-worker": _decode_worker,
+        "prefill-worker": _decode_worker,
     }
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
     return handlers[args.command](args, sub_parser)

@@ -25,7 +25,7 @@ from typing import Any
 
 import msgpack
 
-from tandem.request import SamplingParams
+from tandem.request import Request, SamplingParams
 
 MAX_FRAME = 64 * 2**20
 _HEADER = struct.Struct(">I")
@@ -90,3 +90,39 @@ def submit(
 
 def abort(request_ids: list[str]) -> dict[str, Any]:
     return {"type": "abort", "request_ids": list(request_ids)}
+
+
+def request_state(
+    req: Request, num_computed_tokens: int, policy_state: dict[str, Any]
+) -> dict[str, Any]:
+    """A running request as a msgpack-able dict: what a KV handoff or migration carries."""
+    return {
+        "request_id": req.request_id,
+        "prompt_token_ids": list(req.prompt_token_ids),
+        "output_token_ids": list(req.output_token_ids),
+        "output_logprobs": [[lp, [list(t) for t in top]] for lp, top in req.output_logprobs],
+        "params": params_to_wire(req.sampling_params),
+        "priority": req.priority,
+        "eos_token_ids": list(req.eos_token_ids),
+        "num_computed_tokens": num_computed_tokens,
+        "num_preemptions": req.num_preemptions,
+        "policy_state": dict(policy_state),
+    }
+
+
+def request_from_state(state: dict[str, Any], arrival_time: float) -> Request:
+    """Inverse of ``request_state`` (``num_computed_tokens`` is set by the importer)."""
+    req = Request(
+        request_id=state["request_id"],
+        prompt_token_ids=list(state["prompt_token_ids"]),
+        sampling_params=params_from_wire(state["params"]),
+        arrival_time=arrival_time,
+        priority=int(state.get("priority", 0)),
+        eos_token_ids=tuple(state.get("eos_token_ids", ())),
+    )
+    req.output_token_ids = list(state.get("output_token_ids", ()))
+    req.output_logprobs = [
+        (lp, [tuple(t) for t in top]) for lp, top in state.get("output_logprobs", ())
+    ]
+    req.num_preemptions = int(state.get("num_preemptions", 0))
+    return req

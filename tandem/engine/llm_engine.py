@@ -153,6 +153,27 @@ class LLMEngine:
         output_state = self.outputs.export_state(request_id)
         return ExportedRequest(req, n, self.compat_hash, payload, policy_state, output_state)
 
+    # Two-phase import, for a KV receiver that gets the bytes asynchronously: reserve
+    # blocks, then commit (write bytes + adopt the request) or abort (free the blocks).
+    def reserve_import(self, request_id: str, num_tokens: int) -> list[int]:
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        return self.scheduler.device_kv.reserve_import(request_id, num_tokens)
+
+    def commit_import(self, request: Request, block_ids: list[int], payload: torch.Tensor,
+                      num_computed_tokens: int, policy_state: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """Write the bytes into the reserved blocks and adopt ``request``. All or nothing:
+        on error the reservation is still pending (the caller aborts it)."""
+        self.scheduler.check_admissible(request)
+        self.runner.scatter_blocks(block_ids, payload)
+        self.scheduler.device_kv.commit_import(request.request_id)
+        request.num_computed_tokens = num_computed_tokens
+        self.scheduler.add_running(request, policy_state)
+        self.outputs.import_state(request, None)
+
+    def abort_import(self, request_id: str) -> None:
+        self.scheduler.device_kv.abort_import(request_id)
+
     def import_request(self, exported: ExportedRequest) -> Request:
         """Adopt an exported request; it continues exactly where it stopped."""
         if exported.compat_hash != self.compat_hash:

@@ -107,32 +107,24 @@ async def _stream(session, url, i):
     raise AssertionError(f"stream {i} ended without [DONE]")
 
 
-def test_failover_through_redis_registry(redis_url, tiny_llama_dir):
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_failover_through_redis_registry(mode, redis_url, tiny_llama_dir):
+    """colocated: 2 workers. disaggregated: 2 prefill + 2 decode workers (KV over tcp);
+    the killed one is a decode worker ("w0")."""
     import aiohttp
     import redis
 
-    common = [
-        "--model",
-        str(tiny_llama_dir),
-        "--registry",
-        redis_url,
-        "--max-num-batched-tokens",
-        "512",
-    ]
-    workers = [
-        _spawn(
-            [
-                "decode-worker",
-                "--colocated",
-                *common,
-                "--registry-ttl",
-                str(TTL),
-                "--worker-id",
-                f"w{i}",
-            ]
-        )
-        for i in range(2)
-    ]
+    common = ["--model", str(tiny_llama_dir), "--registry", redis_url, "--max-num-batched-tokens", "512",
+              "--registry-ttl", str(TTL)]  # fmt: skip
+    if mode == "colocated":
+        workers = [
+            _spawn(["decode-worker", "--colocated", *common, "--worker-id", f"w{i}"])
+            for i in range(2)
+        ]
+        others = []
+    else:
+        workers = [_spawn(["decode-worker", *common, "--worker-id", f"w{i}"]) for i in range(2)]
+        others = [_spawn(["prefill-worker", *common, "--worker-id", f"p{i}"]) for i in range(2)]
     http_port = _free_port()
     router = _spawn(
         [
@@ -146,10 +138,11 @@ def test_failover_through_redis_registry(redis_url, tiny_llama_dir):
         ]
     )
     url = f"http://127.0.0.1:{http_port}"
-    procs = [*workers, router]
+    procs = [*workers, *others, router]
+    survivors = sorted(["tandem:worker:w1"] + [f"tandem:worker:p{i}" for i in range(len(others))])
     try:
         deadline = time.time() + 180
-        while _health(url).get("workers") != 2:
+        while _health(url).get("workers") != len(workers) + len(others):
             assert time.time() < deadline, "router did not see both workers"
             assert all(p.poll() is None for p in procs), "a process exited during start-up"
             time.sleep(0.3)
@@ -190,10 +183,10 @@ def test_failover_through_redis_registry(redis_url, tiny_llama_dir):
         r = redis.Redis.from_url(redis_url)
         while time.time() < keys_deadline:
             keys = sorted(k.decode() for k in r.keys("tandem:worker:*"))
-            if keys == ["tandem:worker:w1"]:
+            if keys == survivors:
                 break
             time.sleep(0.2)
-        assert keys == ["tandem:worker:w1"], f"dead worker still registered: {keys}"
+        assert keys == survivors, f"dead worker still registered: {keys}"
         with urllib.request.urlopen(url + "/metrics", timeout=5) as m:
             metrics = m.read().decode()
         reruns = float(
@@ -204,6 +197,13 @@ def test_failover_through_redis_registry(redis_url, tiny_llama_dir):
             ).split()[1]
         )
         assert reruns > 0, "the kill did not hit any request in flight"
+        if mode == "disaggregated":
+            handoffs = sum(
+                float(line.split()[1])
+                for line in metrics.splitlines()
+                if line.startswith("tandem_worker_kv_handoffs_total")
+            )
+            assert handoffs > 0, "no request went through a prefill -> decode KV handoff"
     finally:
         for p in procs:
             if p.poll() is None:

@@ -1,0 +1,150 @@
+"""Decode worker in disaggregated mode: receive KV from prefill workers, then decode.
+
+A request's life in this process:
+
+1. The router sends ``expect`` {request_id} on its connection, before it submits the
+   prompt to a prefill worker: the tokens of that request will go back on this connection.
+2. A prefill worker offers the request's KV (kvtransfer): ``reserve`` takes blocks from the
+   device tier (refused if there are none), the bytes stream in under a lease, ``commit``
+   writes them and adopts the request as RUNNING with its state (tokens so far, sampling
+   params, MLFQ queue); ``abort`` frees a reservation that did not complete.
+3. From the next iteration on it decodes like any request; its tokens go to the router.
+4. ``abort`` from the router (client gone, stop string) works as in colocated mode; an
+   abort that arrives before the KV does is remembered, and the late transfer is refused.
+
+Receiver callbacks run on the asyncio thread and are marshalled to the engine thread
+(``in_engine``), which alone touches the engine. Tokens of a request whose ``expect`` has
+not arrived yet (two different sockets) are buffered and flushed when it does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from decode_worker.service import WorkerService, _Conn
+from tandem import protocol
+
+log = logging.getLogger("tandem.decode_worker")
+
+EXPECT_TTL_S = 120.0  # an expectation whose KV never came (prefill fell back) is dropped
+
+
+class DecodeWorkerService(WorkerService):
+    def __init__(self, engine: Any, kv_receiver_factory: Any, **kwargs: Any) -> None:
+        """``kv_receiver_factory(callbacks) -> KVReceiver`` (started in ``start``)."""
+        super().__init__(engine, role="decode", **kwargs)
+        self.kv_receiver = kv_receiver_factory(self)
+        self._expected: dict[str, tuple[_Conn, float]] = {}  # engine thread
+        self._buffered: dict[str, list[list[Any]]] = {}
+        self._cancelled: dict[str, float] = {}
+
+    async def start(self) -> int:
+        await self.kv_receiver.start()
+        return await super().start()
+
+    def extra_hello(self) -> dict[str, Any]:
+        return {"kv_address": self.kv_address}
+
+    @property
+    def kv_address(self) -> str:
+        address = self.kv_receiver.address
+        host, _, port = address.rpartition(":")
+        return f"{self.advertise_host}:{port}" if host in ("0.0.0.0", "") else address
+
+    def info(self):
+        info = super().info()
+        info.kv_address = self.kv_address
+        return info
+
+    # ------------------------------------------------------------------ router messages
+    def on_message(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        if msg.get("type") == "expect":
+            self._post(lambda rid=str(msg["request_id"]): self._expect(conn, rid))
+        else:
+            super().on_message(conn, msg)
+
+    def _expect(self, conn: _Conn, rid: str) -> None:
+        if self.engine.scheduler.requests.get(rid) is not None and rid in self._buffered:
+            self._own(conn, rid)
+            items = self._buffered.pop(rid)
+            self._send(conn, {"type": "tokens", "items": items})
+            if any(item[2] is not None for item in items):
+                self._owner.pop(rid, None)
+                conn.requests.discard(rid)
+            return
+        self._expected[rid] = (conn, time.monotonic())
+        self._gc()
+
+    def _own(self, conn: _Conn, rid: str) -> None:
+        self._owner[rid] = conn
+        conn.requests.add(rid)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        now = time.monotonic()
+        for rid in request_ids:
+            if self._expected.pop(rid, None) is not None:
+                self._cancelled[rid] = now  # its KV may still be on the way
+            self._buffered.pop(rid, None)
+        super()._abort(request_ids)
+
+    def on_unowned(self, request_id: str, item: list[Any]) -> None:
+        if request_id in self._buffered:
+            self._buffered[request_id].append(item)
+
+    def _gc(self) -> None:
+        cutoff = time.monotonic() - EXPECT_TTL_S
+        for rid in [r for r, (_, t) in self._expected.items() if t < cutoff]:
+            del self._expected[rid]
+        for rid in [r for r, t in self._cancelled.items() if t < cutoff]:
+            del self._cancelled[rid]
+
+    # ------------------------------------------------------------------ KV receiver callbacks
+    async def reserve(self, request_id: str, num_tokens: int) -> list[int]:
+        return await self.in_engine(lambda: self._reserve(request_id, num_tokens))
+
+    def _reserve(self, rid: str, num_tokens: int) -> list[int]:
+        if rid in self._cancelled:
+            raise ValueError(f"request {rid!r} was aborted by the router")
+        return self.engine.reserve_import(rid, num_tokens)
+
+    async def commit(
+        self, request_id: str, block_ids: list[int], payload: Any, state: dict[str, Any]
+    ) -> None:
+        await self.in_engine(lambda: self._commit(request_id, block_ids, payload, state))
+
+    def _commit(self, rid: str, block_ids: list[int], payload: Any, state: dict[str, Any]) -> None:
+        if rid in self._cancelled:
+            raise ValueError(f"request {rid!r} was aborted by the router")
+        request = protocol.request_from_state(state, time.monotonic())
+        self.engine.commit_import(
+            request,
+            block_ids,
+            payload,
+            int(state["num_computed_tokens"]),
+            state.get("policy_state"),
+        )
+        expected = self._expected.pop(rid, None)
+        if expected is not None and not expected[0].closed:
+            self._own(expected[0], rid)
+        else:
+            self._buffered[rid] = []  # the router's expect is still on its way
+
+    async def abort(self, request_id: str, block_ids: list[int]) -> None:
+        await self.in_engine(lambda: self.engine.abort_import(request_id))
+
+    def stats(self) -> dict[str, Any]:
+        s = super().stats()
+        m = self.kv_receiver.metrics
+        s.update(
+            kv_in_transfers=m.ok,
+            kv_in_failed=m.failed,
+            kv_in_bytes=m.bytes,
+            kv_in_seconds=m.seconds,
+        )
+        return s
+
+    async def shutdown(self) -> None:
+        await self.kv_receiver.close()
+        await super().shutdown()
