@@ -49,14 +49,22 @@ class AdmissionQueue:
         return {level: self._levels.get(level, 0) for level in range(self.mlfq.num_levels)}
 
     def _free_worker(self, exclude: Any = None) -> Any | None:
-        best, best_used = None, 0
+        """The worker with a free slot and the lowest virtual usage (Llumnix): KV blocks in
+        use over its capacity (from its stats) plus its share of occupied batch slots (the
+        requests it holds or was granted, whose KV demand is still growing)."""
+        best, best_usage = None, 0.0
         for w in self._workers():
             if not w.connected or w is exclude:
                 continue
-            limit = (w.hello or {}).get("max_num_seqs") or 256
+            hello = w.hello or {}
+            limit = hello.get("max_num_seqs") or 256
             used = w.in_flight + self._granted.get(id(w), 0)
-            if used < limit and (best is None or used < best_used):
-                best, best_used = w, used
+            if used >= limit:
+                continue
+            kv_total = max(int(hello.get("kv_blocks") or 1), 1)
+            usage = w.stats.get("kv_used", 0) / kv_total + used / limit
+            if best is None or usage < best_usage:
+                best, best_usage = w, usage
         return best
 
     async def admit(

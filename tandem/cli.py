@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--worker-port", type=int, default=0, help="worker control port (default: a free one)"
     )
+    p.add_argument(
+        "--prefill-workers", type=int, default=0, help="disaggregated: prefill worker processes"
+    )
+    p.add_argument(
+        "--decode-workers", type=int, default=0, help="disaggregated: decode worker processes"
+    )
 
     p = sub.add_parser("router", help="the HTTP front end (no torch)")
     p.add_argument("--model", default=None, help="model folder (tokenizer, chat template)")
@@ -352,31 +358,51 @@ def _run_router(
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Router in this process, workers as child processes on loopback: one colocated worker,
+    or ``--prefill-workers N --decode-workers M`` for the disaggregated pools."""
     import socket
     import subprocess
 
     config = _engine_config(args, parser)  # validates flags and resolves the default model
-    port = args.worker_port
-    if port == 0:
+    if (args.prefill_workers > 0) != (args.decode_workers > 0):
+        parser.error("--prefill-workers and --decode-workers go together (both >= 1)")
+    if args.prefill_workers < 0 or args.decode_workers < 0:
+        parser.error("--prefill-workers and --decode-workers must be >= 0")
+
+    def free_port() -> int:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "tandem.cli", "decode-worker", "--colocated", "--port", str(port)]
+            return sock.getsockname()[1]
+
+    engine_flags: list[str] = []
     for name in _ENGINE_FLAGS:
         value = config.model if name == "model" else getattr(args, name)
         if value is not None:
-            cmd += ["--" + name.replace("_", "-"), str(value)]
+            engine_flags += ["--" + name.replace("_", "-"), str(value)]
     if args.no_chunked_prefill:
-        cmd.append("--no-chunked-prefill")
-    worker = subprocess.Popen(cmd)
+        engine_flags.append("--no-chunked-prefill")
+    if args.decode_workers:
+        roles = [("prefill-worker", [])] * args.prefill_workers + [
+            ("decode-worker", [])
+        ] * args.decode_workers
+    else:
+        roles = [("decode-worker", ["--colocated"])]
+    addresses, children = [], []
+    for i, (role, extra) in enumerate(roles):
+        port = args.worker_port if (i == 0 and args.worker_port) else free_port()
+        cmd = [sys.executable, "-m", "tandem.cli", role, *extra, "--port", str(port), *engine_flags]
+        children.append(subprocess.Popen(cmd))
+        addresses.append(f"127.0.0.1:{port}")
     try:
-        _run_router(config.model, [f"127.0.0.1:{port}"], args, parser)
+        _run_router(config.model, addresses, args, parser)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
     return 0
 
 

@@ -222,7 +222,7 @@ def test_dropped_streams_free_every_block(server):
 
     async def main():
         async with aiohttp.ClientSession() as session:
-            await asyncio.gather(*(drop_one(session, i) for i in range(20)))
+            await asyncio.gather(*(drop_one(session, i) for i in range(50)))
 
     asyncio.run(main())
     deadline = time.time() + 20

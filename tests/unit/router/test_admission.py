@@ -20,8 +20,9 @@ COST = CostModel(
 class FakeWorker:
     def __init__(self, slots: int) -> None:
         self.connected = True
-        self.hello = {"max_num_seqs": slots}
+        self.hello = {"max_num_seqs": slots, "kv_blocks": 100}
         self.in_flight = 0
+        self.stats: dict = {}
 
 
 def test_short_prompts_and_better_classes_are_admitted_first_when_full():
@@ -73,5 +74,20 @@ def test_cancelled_waiter_leaves_the_queue():
         assert len(q) == 0
         worker, granted = await q.admit(10)  # the slot was not lost
         assert worker is w
+
+    asyncio.run(main())
+
+
+def test_dispatch_prefers_the_lowest_virtual_usage():
+    async def main():
+        busy, idle = FakeWorker(slots=8), FakeWorker(slots=8)
+        busy.stats = {"kv_used": 90}
+        idle.stats = {"kv_used": 10}
+        q = AdmissionQueue(lambda: [busy, idle], cost_model=COST)
+        worker, _ = await q.admit(10)
+        assert worker is idle
+        idle.in_flight = 8  # full: the other one, however loaded, gets it
+        worker, _ = await q.admit(10)
+        assert worker is busy
 
     asyncio.run(main())
