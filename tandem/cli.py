@@ -183,26 +183,22 @@ def _make_tiny_model(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 
 def _build_llm(args: argparse.Namespace, parser: argparse.ArgumentParser, **overrides):
+    """The offline engine from the CLI's engine flags (``overrides`` replace flags)."""
+    from dataclasses import replace
+
     from tandem.engine.llm import LLM
 
-    options = dict(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        block_size=args.block_size,
-        kv_blocks=args.kv_blocks,
-        host_kv_blocks=args.host_kv_blocks,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_chunked_prefill=not args.no_chunked_prefill,
-        policy=args.policy,
-        max_model_len=args.max_model_len,
-        cost_model=args.cost_model,
-    )
-    options.update(overrides)
+    config = _engine_config(args, parser)
+    if overrides:
+        sched = {k: v for k, v in overrides.items() if k == "policy"}
+        top = {
+            ("cost_model_path" if k == "cost_model" else k): v
+            for k, v in overrides.items()
+            if k != "policy"
+        }
+        config = replace(config, scheduler=replace(config.scheduler, **sched), **top)
     try:
-        return LLM(**options)
+        return LLM.from_config(config)
     except (ValueError, OSError) as e:
         parser.error(str(e))
 

@@ -29,47 +29,33 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 
 
 class LLM:
+    """``LLM(model=None, device="cpu", dtype="float32", **options)``.
+
+    ``model=None`` is the bundled tiny model. ``options`` are those of
+    ``build_engine_config`` (below): seed, block_size, kv_blocks, host_kv_blocks,
+    max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, policy,
+    preemption_mode, max_model_len, cost_model, mlfq_q0, starvation_limit.
+    """
+
     def __init__(
         self,
         model: str | Path | None = None,
         device: str = "cpu",
         dtype: str = "float32",
-        *,
-        seed: int = 0,
-        block_size: int = 16,
-        kv_blocks: int | None = None,
-        host_kv_blocks: int = 0,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
-        enable_chunked_prefill: bool = True,
-        policy: str = "mlfq",
-        preemption_mode: str | None = None,
-        max_model_len: int | None = None,
-        cost_model: str | None = None,
-        mlfq_q0: float | None = None,
-        starvation_limit: float = 60.0,
+        **options: Any,
     ) -> None:
-        self.config = build_engine_config(
-            model=model,
-            device=device,
-            dtype=dtype,
-            seed=seed,
-            block_size=block_size,
-            kv_blocks=kv_blocks,
-            host_kv_blocks=host_kv_blocks,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            enable_chunked_prefill=enable_chunked_prefill,
-            policy=policy,
-            preemption_mode=preemption_mode,
-            max_model_len=max_model_len,
-            cost_model=cost_model,
-            mlfq_q0=mlfq_q0,
-            starvation_limit=starvation_limit,
-        )
-        model = self.config.model
-        self.tokenizer = load_tokenizer(model)
-        self.engine = LLMEngine(self.config, tokenizer=self.tokenizer)
+        self._init(build_engine_config(model=model, device=device, dtype=dtype, **options))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        llm = cls.__new__(cls)
+        llm._init(config)
+        return llm
+
+    def _init(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model)
+        self.engine = LLMEngine(config, tokenizer=self.tokenizer)
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
