@@ -350,7 +350,8 @@ def _run_router(
         parser.error(str(e))
     _install_uvloop()
     print(f"serving {config.served_model_name} on http://{args.host}:{args.port}", flush=True)
-    web.run_app(app, host=args.host, port=args.port, print=None)
+    # A deep listen backlog: 1,000 clients connecting at once must not see dropped handshakes.
+    web.run_app(app, host=args.host, port=args.port, print=None, backlog=4096)
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
