@@ -38,6 +38,7 @@ class DecodeWorkerService(WorkerService):
         self.kv_receiver = kv_receiver_factory(self)
         self._expected: dict[str, tuple[_Conn, float]] = {}  # engine thread
         self._buffered: dict[str, list[list[Any]]] = {}
+        self._buffered_at: dict[str, float] = {}
         self._cancelled: dict[str, float] = {}
 
     async def start(self) -> int:
@@ -66,11 +67,14 @@ class DecodeWorkerService(WorkerService):
             super().on_message(conn, msg)
 
     def _expect(self, conn: _Conn, rid: str) -> None:
-        if self.engine.scheduler.requests.get(rid) is not None and rid in self._buffered:
-            self._own(conn, rid)
+        if rid in self._buffered:  # its KV (and maybe all its tokens) came first
             items = self._buffered.pop(rid)
-            self._send(conn, {"type": "tokens", "items": items})
-            if any(item[2] is not None for item in items):
+            self._buffered_at.pop(rid, None)
+            if self.engine.scheduler.requests.get(rid) is not None:
+                self._own(conn, rid)
+            if items:
+                self._send(conn, {"type": "tokens", "items": items})
+            if any(item[2] is not None or item[3] is not None for item in items):
                 self._owner.pop(rid, None)
                 conn.requests.discard(rid)
             return
@@ -93,12 +97,29 @@ class DecodeWorkerService(WorkerService):
         if request_id in self._buffered:
             self._buffered[request_id].append(item)
 
-    def _gc(self) -> None:
-        cutoff = time.monotonic() - EXPECT_TTL_S
-        for rid in [r for r, (_, t) in self._expected.items() if t < cutoff]:
+    def on_connection_closed(self, conn: _Conn) -> None:
+        """Its pending expectations are cancelled too: their KV, if it still comes, is refused."""
+        now = time.monotonic()
+        for rid in [r for r, (c, _) in self._expected.items() if c is conn]:
             del self._expected[rid]
+            self._cancelled[rid] = now
+        super().on_connection_closed(conn)
+
+    def _gc(self) -> None:
+        """Expectations live as long as their router connection (which aborts them); only
+        remembered cancellations and unclaimed buffers expire."""
+        cutoff = time.monotonic() - EXPECT_TTL_S
         for rid in [r for r, t in self._cancelled.items() if t < cutoff]:
             del self._cancelled[rid]
+        for rid in [r for r, t in self._buffered_at.items() if t < cutoff]:
+            # Nobody claimed it: stop decoding for nobody and free its blocks.
+            self._buffered.pop(rid, None)
+            del self._buffered_at[rid]
+            self.engine.abort_request(rid)
+
+    def after_step(self, outputs: list[Any]) -> None:
+        if self._buffered_at:
+            self._gc()
 
     # ------------------------------------------------------------------ KV receiver callbacks
     async def reserve(self, request_id: str, num_tokens: int) -> list[int]:
@@ -117,19 +138,20 @@ class DecodeWorkerService(WorkerService):
     def _commit(self, rid: str, block_ids: list[int], payload: Any, state: dict[str, Any]) -> None:
         if rid in self._cancelled:
             raise ValueError(f"request {rid!r} was aborted by the router")
+        expected = self._expected.get(rid)
+        if expected is not None and expected[0].closed:
+            raise ValueError(f"the router that expected {rid!r} is gone")
         request = protocol.request_from_state(state, time.monotonic())
+        num_computed = int(state["num_computed_tokens"])
         self.engine.commit_import(
-            request,
-            block_ids,
-            payload,
-            int(state["num_computed_tokens"]),
-            state.get("policy_state"),
+            request, block_ids, payload, num_computed, state.get("policy_state")
         )
-        expected = self._expected.pop(rid, None)
-        if expected is not None and not expected[0].closed:
+        self._expected.pop(rid, None)
+        if expected is not None:
             self._own(expected[0], rid)
         else:
             self._buffered[rid] = []  # the router's expect is still on its way
+            self._buffered_at[rid] = time.monotonic()
 
     async def abort(self, request_id: str, block_ids: list[int]) -> None:
         await self.in_engine(lambda: self.engine.abort_import(request_id))

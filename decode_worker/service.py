@@ -67,6 +67,7 @@ class WorkerService:
         self.worker_id = worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
         self.advertise_host = advertise_host or host
         self._heartbeat_task: asyncio.Task | None = None
+        self.last_stats: dict[str, Any] = {}  # written by the engine thread only
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -82,6 +83,7 @@ class WorkerService:
         self._loop = asyncio.get_running_loop()
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
+        self.last_stats = self.stats()  # before the engine thread exists: safe
         self._thread.start()
         if self.registry is not None:
             await self.registry.register(self.info(), self.ttl)
@@ -96,7 +98,7 @@ class WorkerService:
             address=f"{self.advertise_host}:{self.port}",
             model=hello["model"],
             capacity={"kv_blocks": hello["kv_blocks"], "max_model_len": hello["max_model_len"]},
-            load=self.stats(),
+            load=dict(self.last_stats),
         )
 
     async def _heartbeat(self) -> None:
@@ -105,7 +107,7 @@ class WorkerService:
         while True:
             await asyncio.sleep(self.ttl / 3)
             try:
-                await self.registry.heartbeat(self.worker_id, self.stats(), self.ttl)
+                await self.registry.heartbeat(self.worker_id, dict(self.last_stats), self.ttl)
             except KeyError:
                 await self.registry.register(self.info(), self.ttl)
             except Exception as e:  # registry briefly unreachable: keep serving, retry
@@ -154,6 +156,10 @@ class WorkerService:
         """A message type the base service does not know (asyncio thread)."""
         log.warning("ignoring unknown message type %r", msg.get("type"))
 
+    def on_connection_closed(self, conn: _Conn) -> None:
+        """Engine thread: a router connection closed; its requests are aborted."""
+        self._abort(list(conn.requests))
+
     def after_step(self, outputs: list[Any]) -> None:
         """Engine thread, after the step's token frames were queued."""
 
@@ -196,7 +202,7 @@ class WorkerService:
         finally:
             conn.closed = True
             self._conns.discard(conn)
-            self._post(lambda: self._abort(list(conn.requests)))
+            self._post(lambda: self.on_connection_closed(conn))
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -236,45 +242,71 @@ class WorkerService:
                     self._send(conn, {"type": "tokens", "items": [[rid, [], "abort", None, None]]})
 
     def _engine_loop(self) -> None:
-        while not self._stop.is_set():
-            while True:
-                try:
-                    self._inbox.get_nowait()()
-                except queue.Empty:
-                    break
-            if self.engine.has_unfinished_requests():
-                try:
-                    outputs = self.engine.step()
-                except Exception as e:  # a failed iteration fails its requests loudly
-                    log.exception("engine step failed")
-                    self._fail_all(f"engine error: {e}")
+        """Owns the engine. It must not die quietly: a failing callback fails only its own
+        request; if the loop itself breaks, the worker closes every connection so routers
+        see it as lost (and re-run its requests elsewhere) instead of waiting on it."""
+        try:
+            while not self._stop.is_set():
+                self._engine_iteration()
+        except BaseException:
+            log.exception("engine thread died; closing the worker")
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._die)
+            raise
+
+    def _die(self) -> None:
+        for conn in list(self._conns):
+            conn.writer.close()
+        self.stop()
+
+    def _engine_iteration(self) -> None:
+        while True:
+            try:
+                fn = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                fn()
+            except Exception:  # one bad message or callback must not stop the engine
+                log.exception("engine-thread task failed")
+        if self.engine.has_unfinished_requests():
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a failed iteration fails its requests loudly
+                log.exception("engine step failed")
+                self._fail_all(f"engine error: {e}")
+                return
+            batches: dict[int, tuple[_Conn, list[list[Any]]]] = {}
+            for out in outputs:
+                conn = self._owner.get(out.request_id)
+                lp = (
+                    out.logprobs[-len(out.new_token_ids) :]
+                    if out.logprobs and out.new_token_ids
+                    else None
+                )
+                item = [out.request_id, out.new_token_ids, out.finish_reason, None, lp]
+                if conn is None:
+                    self.on_unowned(out.request_id, item)
                     continue
-                batches: dict[int, tuple[_Conn, list[list[Any]]]] = {}
-                for out in outputs:
-                    conn = self._owner.get(out.request_id)
-                    lp = (
-                        out.logprobs[-len(out.new_token_ids) :]
-                        if out.logprobs and out.new_token_ids
-                        else None
-                    )
-                    item = [out.request_id, out.new_token_ids, out.finish_reason, None, lp]
-                    if conn is None:
-                        self.on_unowned(out.request_id, item)
-                        continue
-                    batches.setdefault(id(conn), (conn, []))[1].append(item)
-                    if out.finished:
-                        self._owner.pop(out.request_id, None)
-                        conn.requests.discard(out.request_id)
-                for conn, items in batches.values():
-                    self._send(conn, {"type": "tokens", "items": items})
+                batches.setdefault(id(conn), (conn, []))[1].append(item)
+                if out.finished:
+                    self._owner.pop(out.request_id, None)
+                    conn.requests.discard(out.request_id)
+            for conn, items in batches.values():
+                self._send(conn, {"type": "tokens", "items": items})
+            try:
                 self.after_step(outputs)
-            else:
-                self._wake.wait(timeout=STATS_PERIOD_S)
-                self._wake.clear()
-            now = time.monotonic()
-            if now - self._last_stats >= STATS_PERIOD_S:
-                self._last_stats = now
-                self._broadcast(self.stats())
+            except Exception:
+                log.exception("after_step failed")
+        else:
+            self._wake.wait(timeout=STATS_PERIOD_S)
+            self._wake.clear()
+        now = time.monotonic()
+        if now - self._last_stats >= STATS_PERIOD_S:
+            self._last_stats = now
+            # Computed here, on the engine thread; the heartbeat publishes this copy.
+            self.last_stats = self.stats()
+            self._broadcast(self.last_stats)
 
     def _fail_all(self, message: str) -> None:
         for rid, conn in list(self._owner.items()):

@@ -56,8 +56,11 @@ class PrefillWorkerService(WorkerService):
     def after_step(self, outputs: list[Any]) -> None:
         for out in outputs:
             rid = out.request_id
+            if out.finished:
+                self._dest.pop(rid, None)  # finished on its first token: nothing to hand off
+                continue
             dest = self._dest.get(rid)
-            if dest is None or out.finished or not out.token_ids:
+            if dest is None or not out.token_ids:
                 continue
             del self._dest[rid]
             exported = self.engine.export_request(rid)
@@ -71,7 +74,9 @@ class PrefillWorkerService(WorkerService):
                 self._hand_off(rid, dest, bundle, exported), self._loop
             )
 
-    def _finish_handoff(self, rid: str, exported: Any, ok: bool) -> None:
+    def _finish_handoff(
+        self, rid: str, exported: Any, ok: bool, maybe_committed: bool = False
+    ) -> None:
         self._in_transfer.discard(rid)
         aborted = rid in self._aborted_in_transfer
         self._aborted_in_transfer.discard(rid)
@@ -86,20 +91,39 @@ class PrefillWorkerService(WorkerService):
         self.handoffs_failed += 1
         if aborted or conn is None:
             return  # nobody waits for it any more: its blocks were freed by the export
-        self.engine.import_request(exported)  # decode it here instead
+        if maybe_committed:
+            # The decode worker may already run it: decoding here too would duplicate every
+            # token. Hand the decision to the router, which aborts both ends and re-runs it.
+            self._lose(conn, rid, "handoff outcome unknown")
+            return
+        try:
+            self.engine.import_request(exported)  # decode it here instead
+        except Exception as e:  # e.g. no free blocks left here any more
+            log.warning("cannot take %s back after a failed handoff: %s", rid, e)
+            self._lose(conn, rid, f"handoff failed and no room to decode locally ({e})")
+
+    def _lose(self, conn: _Conn, rid: str, why: str) -> None:
+        """Give the request up with a worker-lost error: the router re-runs it elsewhere."""
+        self._owner.pop(rid, None)
+        conn.requests.discard(rid)
+        self._send(
+            conn,
+            {"type": "tokens", "items": [[rid, [], None, f"{protocol.WORKER_LOST} {why}", None]]},
+        )
 
     # ------------------------------------------------------------------ asyncio side
     async def _hand_off(self, rid: str, dest: str, bundle: KVBundle, exported: Any) -> None:
+        maybe = False
         try:
             await self.kv_sender.send(dest, bundle)
             ok = True
         except TransferError as e:
-            log.warning("handoff of %s to %s failed (%s); decoding it here", rid, dest, e)
-            ok = False
+            log.warning("handoff of %s to %s failed (%s)", rid, dest, e)
+            ok, maybe = False, e.maybe_committed
         except Exception:
-            log.exception("handoff of %s to %s crashed; decoding it here", rid, dest)
+            log.exception("handoff of %s to %s crashed", rid, dest)
             ok = False
-        self._post(lambda: self._finish_handoff(rid, exported, ok))
+        self._post(lambda: self._finish_handoff(rid, exported, ok, maybe))
 
     def stats(self) -> dict[str, Any]:
         s = super().stats()

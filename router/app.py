@@ -126,6 +126,7 @@ class Router:
         self._connecting.add(client.address)
         try:
             await client.connect(timeout=timeout)
+            self.admission.wake()  # requests waiting for a slot may go now
         except Exception as e:  # refused, reset mid-hello, bad hello: try again later
             log.info("worker %s not reachable yet: %s", client.address, e)
         finally:
@@ -191,6 +192,7 @@ class Router:
 
     async def _openai(self, request: web.Request, chat: bool) -> web.StreamResponse:
         try:
+            self._require_worker()
             body = await _json(request)
             if chat:
                 parsed = parse_chat(
@@ -213,6 +215,12 @@ class Router:
         finally:
             self.in_flight -= 1
 
+    def _require_worker(self) -> None:
+        """503 (retryable) while no worker is connected: limits such as max_model_len come
+        from the workers, so nothing can be validated without one."""
+        if not any(w.connected for w in self.workers):
+            raise ApiError(503, "no worker is available")
+
     def _admit(self) -> None:
         if self.in_flight >= self.config.max_in_flight:
             raise ApiError(429, f"server busy: {self.in_flight} requests in flight; retry later")
@@ -223,6 +231,8 @@ class Router:
     async def _run(self, request: web.Request, p: ParsedRequest) -> web.StreamResponse:
         rid = f"{'chatcmpl' if p.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
+        start = time.monotonic()  # JCT and the timeout include the wait for admission
+        wire = rid  # the id on the wire: a re-run gets a fresh one ("rid~n")
         try:
             worker, queue = await self._dispatch(rid, p)
         except ApiError as e:
@@ -237,7 +247,6 @@ class Router:
             special_ids=self.special_ids,
         )
         obj = "chat.completion.chunk" if p.chat else "text_completion"
-        start = time.monotonic()
         first_at: float | None = None
         n_out = 0
         text_parts: list[str] = []
@@ -276,11 +285,20 @@ class Router:
                     and error.startswith(WORKER_LOST)
                     and reruns < self.config.max_reruns
                 ):
-                    worker, queue = self._rerun(rid, p, out_ids, worker)
+                    new_wire = f"{rid}~{reruns + 1}"
+                    worker, queue = self._rerun(wire, new_wire, p, out_ids, worker)
+                    wire = new_wire
                     reruns += 1
                     continue
                 if error is not None:
-                    raise ApiError(502 if error.startswith(WORKER_LOST) else 400, error)
+                    status = (
+                        502
+                        if error.startswith(WORKER_LOST)
+                        else 500
+                        if error.startswith("engine error")
+                        else 400
+                    )
+                    raise ApiError(status, error)
                 out_ids.extend(new_ids)
                 if new_ids and first_at is None:
                     first_at = time.monotonic()
@@ -290,7 +308,7 @@ class Router:
                 delta = update.delta
                 if update.stop_string is not None:
                     reason = "stop"
-                    worker.abort(rid)
+                    worker.abort(wire)
                 elif reason is not None:
                     delta += detok.flush()
                 new_lp = self._logprobs(new_ids, logprobs, p) if p.logprobs is not None else None
@@ -316,16 +334,20 @@ class Router:
             )
         except ApiError as e:
             outcome = "error"
-            worker.abort(rid)
+            worker.abort(wire)
             if response is None:
                 return _error(e)
             await _sse(response, e.body())
             return response
         except (asyncio.CancelledError, ConnectionResetError):
-            worker.abort(rid)  # the client went away: free the request everywhere
+            worker.abort(wire)  # the client went away: free the request everywhere
             raise
         finally:
-            worker.release(rid)
+            if len(worker.clients) > 1:
+                # Prefill + decode: tell both it is over (the decode worker may still hold
+                # an expectation if the request finished on its first token).
+                worker.abort(wire)
+            worker.release(wire)
             self.admission.wake()
             self.metrics.requests[outcome] += 1
 
@@ -348,6 +370,14 @@ class Router:
 
     def _route(self, worker: WorkerClient, rid: str, prompt: list[int], params, priority: int):
         """Submit to a colocated worker, or through a prefill worker to decode ``worker``."""
+        try:
+            return self._route_unchecked(worker, rid, prompt, params, priority)
+        except ConnectionError as e:  # the worker went away between admission and submit
+            raise ApiError(503, f"worker unavailable: {e}") from None
+
+    def _route_unchecked(
+        self, worker: WorkerClient, rid: str, prompt: list[int], params, priority: int
+    ):
         msg = protocol.submit(rid, prompt, params, priority)
         if worker.role != "decode":
             return Route([worker]), worker.submit(msg)
@@ -363,7 +393,7 @@ class Router:
         return Route([prefill, worker]), queue
 
     def _rerun(
-        self, rid: str, p: ParsedRequest, out_ids: list[int], dead: Route
+        self, old_wire: str, new_wire: str, p: ParsedRequest, out_ids: list[int], dead: Route
     ) -> tuple[Route, asyncio.Queue]:
         """Continue a request whose worker died on another one, from where it stopped.
 
@@ -372,23 +402,29 @@ class Router:
         repeat (greedy output is identical; sampled output stays valid). Raises 502 when
         no other worker is up.
         """
-        dead.abort(rid)  # whichever part of the old route survived lets go of it
-        dead.release(rid)
+        dead.abort(old_wire)  # whichever part of the old route survived lets go of it
+        dead.release(old_wire)
         candidates = [
             w for w in self.workers if w.connected and w.role != "prefill" and w not in dead.clients
         ]
         if not candidates:
             candidates = [w for w in self.workers if w.connected and w.role != "prefill"]
         if not candidates:
-            raise ApiError(502, f"worker lost and no other worker is available for {rid}")
+            raise ApiError(502, f"worker lost and no other worker is available for {old_wire}")
         worker = min(candidates, key=lambda w: w.in_flight)
         left = p.params.max_tokens - len(out_ids)
         params = replace(
             p.params, max_tokens=max(left, 1), min_tokens=max(p.params.min_tokens - len(out_ids), 0)
         )
         self.metrics.reruns += 1
-        log.warning("re-running %s on %s after %d tokens", rid, worker.address, len(out_ids))
-        return self._route(worker, rid, p.prompt_token_ids + out_ids, params, p.priority)
+        log.warning(
+            "re-running %s as %s on %s after %d tokens",
+            old_wire,
+            new_wire,
+            worker.address,
+            len(out_ids),
+        )
+        return self._route(worker, new_wire, p.prompt_token_ids + out_ids, params, p.priority)
 
     def _observe(self, start: float, first_at: float | None, n_out: int, n_prompt: int) -> None:
         end = time.monotonic()
@@ -464,6 +500,7 @@ class Router:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """Native API: token ids in, token ids streamed out (SSE of {"token_ids": [...]})."""
         try:
+            self._require_worker()
             body = await _json(request)
             if not isinstance(body, dict):
                 raise ApiError(400, "request body must be a JSON object")
@@ -508,10 +545,16 @@ class Router:
         outcome = "abort"
         try:
             await response.prepare(request)
+            deadline = time.monotonic() + self.config.request_timeout
             while True:
-                _, new_ids, reason, error, _ = await asyncio.wait_for(
-                    queue.get(), self.config.request_timeout
-                )
+                try:
+                    _, new_ids, reason, error, _ = await asyncio.wait_for(
+                        queue.get(), max(deadline - time.monotonic(), 0.001)
+                    )
+                except asyncio.TimeoutError:
+                    worker.abort(rid)
+                    reason, new_ids = None, []
+                    error = f"request timed out after {self.config.request_timeout:.0f}s"
                 if error is not None:
                     outcome = "error"
                     await _sse(response, {"error": {"message": error}})
@@ -522,10 +565,12 @@ class Router:
                     break
             await response.write(b"data: [DONE]\n\n")
             return response
-        except (asyncio.CancelledError, ConnectionResetError, asyncio.TimeoutError):
+        except (asyncio.CancelledError, ConnectionResetError):
             worker.abort(rid)
             raise
         finally:
+            if len(worker.clients) > 1:
+                worker.abort(rid)
             worker.release(rid)
             self.admission.wake()
             self.metrics.requests[outcome] += 1

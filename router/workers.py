@@ -16,9 +16,7 @@ from tandem import protocol
 
 log = logging.getLogger("tandem.router")
 
-# Error prefix of the item every in-flight request gets when its worker's connection is
-# lost: the router may re-run such a request elsewhere (nothing more will come from here).
-WORKER_LOST = "worker-lost:"
+WORKER_LOST = protocol.WORKER_LOST  # error prefix: the worker is gone, re-run elsewhere
 
 
 class WorkerClient:

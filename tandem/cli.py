@@ -351,7 +351,11 @@ def _run_router(
     _install_uvloop()
     print(f"serving {config.served_model_name} on http://{args.host}:{args.port}", flush=True)
     # A deep listen backlog: 1,000 clients connecting at once must not see dropped handshakes.
-    web.run_app(app, host=args.host, port=args.port, print=None, backlog=4096)
+    # handler_cancellation: a client that disconnects cancels its handler (aiohttp's default
+    # is off), so a non-streaming request is aborted at the worker too.
+    web.run_app(
+        app, host=args.host, port=args.port, print=None, backlog=4096, handler_cancellation=True
+    )
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

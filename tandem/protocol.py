@@ -28,6 +28,9 @@ import msgpack
 from tandem.request import Request, SamplingParams
 
 MAX_FRAME = 64 * 2**20
+# Prefix of a ``tokens`` item error meaning "this worker can no longer serve the request"
+# (it died, or a handoff's outcome is unknown): the router may re-run it elsewhere.
+WORKER_LOST = "worker-lost:"
 _HEADER = struct.Struct(">I")
 
 

@@ -100,7 +100,15 @@ class FastTokenizer:
             def raise_exception(message: str) -> None:
                 raise TemplateError(message)
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
+            # As transformers renders it: no HTML escaping, non-ASCII kept.
+            env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: (
+                json.dumps(
+                    x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+                )
+            )
             env.globals["raise_exception"] = raise_exception
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             self._template = env.from_string(self.chat_template)
