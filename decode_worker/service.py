@@ -284,7 +284,10 @@ class WorkerService:
                     if out.logprobs and out.new_token_ids
                     else None
                 )
-                item = [out.request_id, out.new_token_ids, out.finish_reason, None, lp]
+                # The last field is the output offset of these tokens: a request's tokens may
+                # reach the router on two sockets (prefill, then decode), which reorders them.
+                offset = len(out.token_ids) - len(out.new_token_ids)
+                item = [out.request_id, out.new_token_ids, out.finish_reason, None, lp, offset]
                 if conn is None:
                     self.on_unowned(out.request_id, item)
                     continue

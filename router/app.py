@@ -20,6 +20,7 @@ Endpoints: POST /v1/completions, /v1/chat/completions, /generate; GET /v1/models
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import logging
@@ -33,7 +34,7 @@ from aiohttp import web
 from router.admission import AdmissionQueue
 from router.metrics import RouterMetrics
 from router.openai_api import ApiError, ParsedRequest, parse_chat, parse_completion
-from router.workers import WORKER_LOST, Route, WorkerClient
+from router.workers import WORKER_LOST, InOrder, Route, WorkerClient
 from tandem import protocol
 from tandem.detokenizer import IncrementalDetokenizer, special_token_ids
 from tandem.registry import make_registry
@@ -270,16 +271,21 @@ class Router:
                         ),
                     )
             deadline = start + self.config.request_timeout
+            order = InOrder()  # tokens may arrive on two sockets: deliver them in order
+            ready: collections.deque = collections.deque()
             while finish is None:
-                try:
-                    item = await asyncio.wait_for(
-                        queue.get(), timeout=max(deadline - time.monotonic(), 0.001)
-                    )
-                except asyncio.TimeoutError:
-                    raise ApiError(
-                        504, f"request timed out after {self.config.request_timeout:.0f}s"
-                    ) from None
-                _, new_ids, reason, error, logprobs = item
+                if not ready:
+                    try:
+                        raw = await asyncio.wait_for(
+                            queue.get(), timeout=max(deadline - time.monotonic(), 0.001)
+                        )
+                    except asyncio.TimeoutError:
+                        raise ApiError(
+                            504, f"request timed out after {self.config.request_timeout:.0f}s"
+                        ) from None
+                    ready.extend(order.push(raw))
+                    continue
+                _, new_ids, reason, error, logprobs = ready.popleft()[:5]
                 if (
                     error is not None
                     and error.startswith(WORKER_LOST)
@@ -289,6 +295,8 @@ class Router:
                     worker, queue = self._rerun(wire, new_wire, p, out_ids, worker)
                     wire = new_wire
                     reruns += 1
+                    order.restart(len(out_ids))
+                    ready.clear()
                     continue
                 if error is not None:
                     status = (
@@ -546,15 +554,28 @@ class Router:
         try:
             await response.prepare(request)
             deadline = time.monotonic() + self.config.request_timeout
+            order = InOrder()
+            ready: collections.deque = collections.deque()
             while True:
-                try:
-                    _, new_ids, reason, error, _ = await asyncio.wait_for(
-                        queue.get(), max(deadline - time.monotonic(), 0.001)
-                    )
-                except asyncio.TimeoutError:
-                    worker.abort(rid)
-                    reason, new_ids = None, []
-                    error = f"request timed out after {self.config.request_timeout:.0f}s"
+                if not ready:
+                    try:
+                        raw = await asyncio.wait_for(
+                            queue.get(), max(deadline - time.monotonic(), 0.001)
+                        )
+                        ready.extend(order.push(raw))
+                        continue
+                    except asyncio.TimeoutError:
+                        worker.abort(rid)
+                        ready.append(
+                            [
+                                rid,
+                                [],
+                                None,
+                                f"request timed out after {self.config.request_timeout:.0f}s",
+                                None,
+                            ]
+                        )
+                _, new_ids, reason, error, _ = ready.popleft()[:5]
                 if error is not None:
                     outcome = "error"
                     await _sse(response, {"error": {"message": error}})

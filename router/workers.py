@@ -142,3 +142,51 @@ class Route:
     def release(self, request_id: str) -> None:
         for c in self.clients:
             c.release(request_id)
+
+
+class InOrder:
+    """Puts one request's token items back in output order.
+
+    Items carry the output offset of their first token (last field). In disaggregated mode
+    the first token comes on the prefill worker's socket and the rest on the decode
+    worker's, so they can arrive swapped. Items without an offset (errors, aborts) pass at
+    once. ``restart(n)`` starts a new attempt whose offsets count from 0 again, after the
+    ``n`` tokens already delivered.
+    """
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.next = 0
+        self.pending: dict[int, list] = {}
+
+    def restart(self, delivered: int) -> None:
+        self.base = self.next = delivered
+        self.pending.clear()
+
+    def push(self, item: list) -> list[list]:
+        offset = item[5] if len(item) > 5 else None
+        if offset is None or item[3] is not None:
+            return [item]
+        pos = self.base + offset
+        if pos > self.next:  # an earlier item is still on its way
+            self.pending[pos] = item
+            return []
+        if pos < self.next:  # already delivered (should not happen): drop the overlap
+            skip = self.next - pos
+            item = [
+                item[0],
+                item[1][skip:],
+                item[2],
+                item[3],
+                item[4][skip:] if item[4] else None,
+                offset + skip,
+            ]
+        ready = [item]
+        self.next += len(item[1])
+        while self.next in self.pending:
+            nxt = self.pending.pop(self.next)
+            ready.append(nxt)
+            self.next += len(nxt[1])
+            if not nxt[1]:
+                break  # a token-less item (finish) ends the chain
+        return ready

@@ -169,3 +169,37 @@ def test_request_finishing_on_its_first_token_leaves_no_state(tiny_llama_dir):
             await _teardown(prefill, decode, runner)
 
     asyncio.run(main())
+
+
+def test_first_token_arriving_after_the_decode_tokens(tiny_llama_dir, expected):
+    """The prefill worker's first-token frame is delayed, so the decode worker's tokens
+    reach the router first: the client must still get them in order."""
+
+    async def main():
+        prefill, decode, runner, url = await _stack(tiny_llama_dir)
+        try:
+            original = prefill._send
+            loop = asyncio.get_running_loop()
+
+            def slow_socket(conn, msg):  # the whole prefill -> router path lags by 0.5 s
+                loop.call_soon_threadsafe(loop.call_later, 0.5, original, conn, msg)
+
+            prefill._send = slow_socket
+            status, body = await asyncio.wait_for(
+                _complete(
+                    url,
+                    {
+                        "prompt": "hello there",
+                        "max_tokens": 12,
+                        "temperature": 0,
+                        "ignore_eos": True,
+                    },
+                ),
+                15,
+            )
+            assert status == 200, body
+            assert body["choices"][0]["text"] == expected(12)
+        finally:
+            await _teardown(prefill, decode, runner)
+
+    asyncio.run(main())
