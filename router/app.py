@@ -613,10 +613,13 @@ async def _sse(response: web.StreamResponse, payload: dict[str, Any]) -> None:
     await response.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
 
 
+ROUTER_KEY: web.AppKey[Router] = web.AppKey("router", Router)
+
+
 def build_app(config: RouterConfig) -> web.Application:
     router = Router(config)
     app = web.Application(client_max_size=64 * 2**20)
-    app["router"] = router
+    app[ROUTER_KEY] = router
     app.add_routes(router.routes())
     app.on_startup.append(router.start)
     app.on_cleanup.append(router.stop)
