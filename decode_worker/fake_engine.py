@@ -41,7 +41,8 @@ from typing import Any
 
 from tandem.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, kv_compat_hash
 from tandem.engine.outputs import RequestOutput
-from tandem.request import Request, RequestStatus, SamplingParams
+from tandem.request import Request, RequestStatus, SamplingParams, new_request
+from tandem.sched.scheduler import check_fits
 
 
 class _FakeBlockPool:
@@ -84,18 +85,7 @@ class _FakeScheduler:
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request id {req.request_id!r}")
-        need = req.num_prompt_tokens + req.sampling_params.max_tokens
-        max_len = self.config.max_model_len
-        if max_len is not None and need > max_len:
-            raise ValueError(
-                f"prompt ({req.num_prompt_tokens} tokens) + max_tokens "
-                f"({req.sampling_params.max_tokens}) = {need} exceeds the maximum context length {max_len}"
-            )
-        if self.blocks_needed(req) > self.device_kv.num_blocks:
-            raise ValueError(
-                f"request needs {self.blocks_needed(req)} KV blocks ({need} tokens) but the cache "
-                f"has only {self.device_kv.num_blocks}; lower max_tokens or raise --kv-blocks"
-            )
+        check_fits(req, self.config.max_model_len, self.block_size, self.device_kv.num_blocks, None)
         self.requests[req.request_id] = req
         heapq.heappush(self.waiting, (req.priority, next(self._seq), req))
 
@@ -172,17 +162,14 @@ class FakeEngine:
         priority: int = 0,
         arrival_time: float | None = None,
     ) -> Request:
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        req = Request(
-            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
-            prompt_token_ids=list(prompt_token_ids),
-            sampling_params=params,
-            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-            priority=priority,
-            eos_token_ids=self.model_config.eos_token_ids,
+        req = new_request(
+            request_id if request_id is not None else f"req-{next(self._ids)}",
+            prompt_token_ids,
+            params,
+            self.model_config.vocab_size,
+            self.model_config.eos_token_ids,
+            priority,
+            arrival_time,
         )
         self.scheduler.add_request(req)
         return req

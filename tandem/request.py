@@ -214,3 +214,28 @@ class Request:
         if n >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+
+def new_request(
+    request_id: str,
+    prompt_token_ids: list[int],
+    params: SamplingParams,
+    vocab_size: int,
+    eos_token_ids: tuple[int, ...],
+    priority: int = 0,
+    arrival_time: float | None = None,
+) -> Request:
+    """A validated new request: every prompt id must be an integer in [0, vocab_size)."""
+    import time
+
+    bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}); got {bad[:5]}")
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=list(prompt_token_ids),
+        sampling_params=params,
+        arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+        priority=priority,
+        eos_token_ids=eos_token_ids,
+    )

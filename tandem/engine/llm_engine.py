@@ -17,7 +17,6 @@ offload and migration are built on.
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 from tandem.config import EngineConfig, ModelConfig, kv_compat_hash
 from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.outputs import RequestOutput
-from tandem.request import Request, RequestStatus, SamplingParams
+from tandem.request import Request, RequestStatus, SamplingParams, new_request
 from tandem.runner.model_runner import ModelRunner
 from tandem.sched.cost_model import CostModel
 from tandem.sched.scheduler import Scheduler
@@ -95,17 +94,14 @@ class LLMEngine:
         priority: int = 0,
         arrival_time: float | None = None,
     ) -> Request:
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        req = Request(
-            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
-            prompt_token_ids=list(prompt_token_ids),
-            sampling_params=params,
-            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-            priority=priority,
-            eos_token_ids=self.model_config.eos_token_ids,
+        req = new_request(
+            request_id if request_id is not None else f"req-{next(self._ids)}",
+            prompt_token_ids,
+            params,
+            self.model_config.vocab_size,
+            self.model_config.eos_token_ids,
+            priority,
+            arrival_time,
         )
         self.scheduler.add_request(req)
         self.outputs.add(req)

@@ -33,6 +33,35 @@ from tandem.sched.output import BlockCopy, RunnerOutput, ScheduledChunk, Schedul
 from tandem.sched.policy import SchedulingPolicy, make_policy
 
 
+def check_fits(
+    request: Request,
+    max_model_len: int | None,
+    block_size: int,
+    num_blocks: int,
+    token_budget: int | None,
+) -> None:
+    """Raise ValueError (naming the limit) if ``request`` could never run on an engine with
+    these limits: context length, KV blocks, and — when given — a token budget that must
+    hold prompt + output in one pass."""
+    need = request.num_prompt_tokens + request.sampling_params.max_tokens
+    if max_model_len is not None and need > max_model_len:
+        raise ValueError(
+            f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
+            f"({request.sampling_params.max_tokens}) = {need} exceeds the maximum context length {max_model_len}"
+        )
+    if token_budget is not None and need > token_budget:
+        raise ValueError(
+            f"prompt + max_tokens = {need} exceeds the token budget "
+            f"{token_budget}; enable chunked prefill or raise the budget"
+        )
+    blocks = -(-need // block_size)
+    if blocks > num_blocks:
+        raise ValueError(
+            f"request needs {blocks} KV blocks ({need} tokens) but the cache has only "
+            f"{num_blocks}; lower max_tokens or raise --kv-blocks"
+        )
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     """A request produced a token (and maybe finished) in the last iteration."""
@@ -94,25 +123,14 @@ class Scheduler:
         """Raise ValueError if ``request`` is a duplicate or could never fit this engine."""
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
-        need = request.num_prompt_tokens + request.sampling_params.max_tokens
-        max_len = self.config.max_model_len
-        if max_len is not None and need > max_len:
-            raise ValueError(
-                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
-                f"({request.sampling_params.max_tokens}) = {need} exceeds the maximum context length {max_len}"
-            )
-        if not self.config.enable_chunked_prefill and need > self.config.max_num_batched_tokens:
+        check_fits(
+            request,
+            self.config.max_model_len,
+            self.block_size,
+            self.device_kv.pool.num_blocks,
             # Without chunking, a preempted request recomputes prompt + output in one pass.
-            raise ValueError(
-                f"prompt + max_tokens = {need} exceeds the token budget "
-                f"{self.config.max_num_batched_tokens}; enable chunked prefill or raise the budget"
-            )
-        blocks = -(-need // self.block_size)
-        if blocks > self.device_kv.pool.num_blocks:
-            raise ValueError(
-                f"request needs {blocks} KV blocks ({need} tokens) but the cache has only "
-                f"{self.device_kv.pool.num_blocks}; lower max_tokens or raise --kv-blocks"
-            )
+            None if self.config.enable_chunked_prefill else self.config.max_num_batched_tokens,
+        )
 
     def add_running(self, request: Request, policy_state: dict | None = None) -> None:
         """Adopt a request whose K/V already sit in this engine's device blocks (import).
