@@ -20,7 +20,6 @@ Endpoints: POST /v1/completions, /v1/chat/completions, /generate; GET /v1/models
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import json
 import logging
@@ -192,27 +191,26 @@ class Router:
         return await self._openai(request, chat=True)
 
     async def _openai(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        def parse(body: Any) -> ParsedRequest:
+            name = self.config.served_model_name
+            if chat:
+                return parse_chat(body, self.tokenizer, name, self.max_model_len)
+            return parse_completion(body, self.tokenizer, name, self.max_model_len, self.vocab_size)
+
+        return await self._accept(request, parse, self._run)
+
+    async def _accept(self, request: web.Request, parse, run) -> web.StreamResponse:
+        """Validate (``parse``: body -> ParsedRequest) and admit, answering 4xx/5xx JSON on
+        refusal; then ``run`` it, counting it in flight until it ends."""
         try:
             self._require_worker()
-            body = await _json(request)
-            if chat:
-                parsed = parse_chat(
-                    body, self.tokenizer, self.config.served_model_name, self.max_model_len
-                )
-            else:
-                parsed = parse_completion(
-                    body,
-                    self.tokenizer,
-                    self.config.served_model_name,
-                    self.max_model_len,
-                    self.vocab_size,
-                )
+            parsed = parse(await _json(request))
             self._admit()
         except ApiError as e:
             self.metrics.requests["rejected"] += 1
             return _error(e)
         try:
-            return await self._run(request, parsed)
+            return await run(request, parsed)
         finally:
             self.in_flight -= 1
 
@@ -272,20 +270,14 @@ class Router:
                     )
             deadline = start + self.config.request_timeout
             order = InOrder()  # tokens may arrive on two sockets: deliver them in order
-            ready: collections.deque = collections.deque()
             while finish is None:
-                if not ready:
-                    try:
-                        raw = await asyncio.wait_for(
-                            queue.get(), timeout=max(deadline - time.monotonic(), 0.001)
-                        )
-                    except asyncio.TimeoutError:
-                        raise ApiError(
-                            504, f"request timed out after {self.config.request_timeout:.0f}s"
-                        ) from None
-                    ready.extend(order.push(raw))
-                    continue
-                _, new_ids, reason, error, logprobs = ready.popleft()[:5]
+                try:
+                    item = await order.get(queue, deadline)
+                except asyncio.TimeoutError:
+                    raise ApiError(
+                        504, f"request timed out after {self.config.request_timeout:.0f}s"
+                    ) from None
+                _, new_ids, reason, error, logprobs = item[:5]
                 if (
                     error is not None
                     and error.startswith(WORKER_LOST)
@@ -296,7 +288,6 @@ class Router:
                     wire = new_wire
                     reruns += 1
                     order.restart(len(out_ids))
-                    ready.clear()
                     continue
                 if error is not None:
                     status = (
@@ -507,9 +498,8 @@ class Router:
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """Native API: token ids in, token ids streamed out (SSE of {"token_ids": [...]})."""
-        try:
-            self._require_worker()
-            body = await _json(request)
+
+        def parse(body: Any) -> ParsedRequest:
             if not isinstance(body, dict):
                 raise ApiError(400, "request body must be a JSON object")
             ids = body.get("prompt_token_ids")
@@ -525,22 +515,16 @@ class Router:
                 )
             sp = dict(body.get("sampling_params") or {})
             sp.setdefault("max_tokens", 16)
-            fake = {"prompt": ids, **sp, "stream": True, "model": None}
-            parsed = parse_completion(
-                fake,
+            as_completion = {"prompt": ids, **sp, "stream": True, "model": None}
+            return parse_completion(
+                as_completion,
                 self.tokenizer,
                 self.config.served_model_name,
                 self.max_model_len,
                 self.vocab_size,
             )
-            self._admit()
-        except ApiError as e:
-            self.metrics.requests["rejected"] += 1
-            return _error(e)
-        try:
-            return await self._generate(request, parsed)
-        finally:
-            self.in_flight -= 1
+
+        return await self._accept(request, parse, self._generate)
 
     async def _generate(self, request: web.Request, p: ParsedRequest) -> web.StreamResponse:
         rid = f"gen-{uuid.uuid4().hex[:24]}"
@@ -555,27 +539,19 @@ class Router:
             await response.prepare(request)
             deadline = time.monotonic() + self.config.request_timeout
             order = InOrder()
-            ready: collections.deque = collections.deque()
             while True:
-                if not ready:
-                    try:
-                        raw = await asyncio.wait_for(
-                            queue.get(), max(deadline - time.monotonic(), 0.001)
-                        )
-                        ready.extend(order.push(raw))
-                        continue
-                    except asyncio.TimeoutError:
-                        worker.abort(rid)
-                        ready.append(
-                            [
-                                rid,
-                                [],
-                                None,
-                                f"request timed out after {self.config.request_timeout:.0f}s",
-                                None,
-                            ]
-                        )
-                _, new_ids, reason, error, _ = ready.popleft()[:5]
+                try:
+                    item = await order.get(queue, deadline)
+                except asyncio.TimeoutError:
+                    worker.abort(rid)
+                    item = [
+                        rid,
+                        [],
+                        None,
+                        f"request timed out after {self.config.request_timeout:.0f}s",
+                        None,
+                    ]
+                _, new_ids, reason, error, _ = item[:5]
                 if error is not None:
                     outcome = "error"
                     await _sse(response, {"error": {"message": error}})

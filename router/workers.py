@@ -8,8 +8,10 @@ drops, every request in flight on it gets an error item, so no stream hangs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import time
 from typing import Any
 
 from tandem import protocol
@@ -158,10 +160,20 @@ class InOrder:
         self.base = 0
         self.next = 0
         self.pending: dict[int, list] = {}
+        self.ready: collections.deque[list] = collections.deque()
 
     def restart(self, delivered: int) -> None:
         self.base = self.next = delivered
         self.pending.clear()
+        self.ready.clear()
+
+    async def get(self, queue: asyncio.Queue, deadline: float) -> list:
+        """The next item in output order from ``queue``; ``asyncio.TimeoutError`` once the
+        monotonic ``deadline`` passes."""
+        while not self.ready:
+            raw = await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0.001))
+            self.ready.extend(self.push(raw))
+        return self.ready.popleft()
 
     def push(self, item: list) -> list[list]:
         offset = item[5] if len(item) > 5 else None
