@@ -157,7 +157,8 @@ class LLMEngine:
         return self.scheduler.device_kv.reserve_import(request_id, num_tokens)
 
     def commit_import(self, request: Request, block_ids: list[int], payload: torch.Tensor,
-                      num_computed_tokens: int, policy_state: dict[str, Any] | None = None) -> None:  # fmt: skip
+                      num_computed_tokens: int, policy_state: dict[str, Any] | None = None,
+                      output_state: tuple[Any, str] | None = None) -> None:  # fmt: skip
         """Write the bytes into the reserved blocks and adopt ``request``. All or nothing:
         on error the reservation is still pending (the caller aborts it)."""
         self.scheduler.check_admissible(request)
@@ -165,7 +166,7 @@ class LLMEngine:
         self.scheduler.device_kv.commit_import(request.request_id)
         request.num_computed_tokens = num_computed_tokens
         self.scheduler.add_running(request, policy_state)
-        self.outputs.import_state(request, None)
+        self.outputs.import_state(request, output_state)
 
     def abort_import(self, request_id: str) -> None:
         self.scheduler.device_kv.abort_import(request_id)
@@ -179,15 +180,13 @@ class LLMEngine:
             )
         req = exported.request
         self.scheduler.check_admissible(req)  # duplicate id, limits: before any block moves
-        kv = self.scheduler.device_kv
-        block_ids = kv.reserve_import(req.request_id, exported.num_computed_tokens)
+        block_ids = self.reserve_import(req.request_id, exported.num_computed_tokens)
         try:
-            self.runner.scatter_blocks(block_ids, exported.payload)
+            self.commit_import(
+                req, block_ids, exported.payload, exported.num_computed_tokens,
+                exported.policy_state, exported.output_state,
+            )  # fmt: skip
         except BaseException:
-            kv.abort_import(req.request_id)
+            self.abort_import(req.request_id)
             raise
-        kv.commit_import(req.request_id)
-        req.num_computed_tokens = exported.num_computed_tokens
-        self.scheduler.add_running(req, exported.policy_state)
-        self.outputs.import_state(req, exported.output_state)
         return req
