@@ -107,6 +107,23 @@ async def _stream(session, url, i):
     raise AssertionError(f"stream {i} ended without [DONE]")
 
 
+async def _until_running(session, url, redis_url, worker_id, at_least=4, timeout=120.0):
+    """Wait until the router reports ``worker_id`` decoding ``at_least`` requests, so the
+    kill lands mid-run on any machine speed (a fixed sleep hit nothing on a slow CI box)."""
+    import redis
+
+    info = json.loads(redis.Redis.from_url(redis_url).get(f"tandem:worker:{worker_id}"))
+    label = f'tandem_worker_running_requests{{worker="{info["address"]}"}}'
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        async with session.get(url + "/metrics") as r:
+            for line in (await r.text()).splitlines():
+                if line.startswith(label) and float(line.split()[1]) >= at_least:
+                    return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{worker_id} never had {at_least} running requests")
+
+
 @pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
 def test_failover_through_redis_registry(mode, redis_url, tiny_llama_dir):
     """colocated: 2 workers. disaggregated: 2 prefill + 2 decode workers (KV over tcp);
@@ -150,7 +167,7 @@ def test_failover_through_redis_registry(mode, redis_url, tiny_llama_dir):
         async def run():
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
                 tasks = [asyncio.create_task(_stream(session, url, i)) for i in range(N_REQUESTS)]
-                await asyncio.sleep(2.0)
+                await _until_running(session, url, redis_url, "w0")
                 workers[0].send_signal(signal.SIGKILL)  # mid-run
                 results = await asyncio.gather(*tasks)
                 after = await asyncio.gather(*(_stream(session, url, 1000 + i) for i in range(5)))
