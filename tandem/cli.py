@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "--kv-timeout", type=float, default=30.0, help="seconds a KV handoff may take"
             )
 
+    sub.add_parser(
+        "loadgen",
+        help="load an OpenAI-compatible server and report latency (see `tandem loadgen -h`)",
+        add_help=False,
+    )
     p = sub.add_parser("generate", help="offline generation (no server)")
     p.add_argument("prompts", nargs="+", help="prompt strings; all run together in one batch")
     _add_engine_args(p)
@@ -448,6 +453,11 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "loadgen":  # its own parser (it has a `compare` subcommand)
+        from loadgen.cli import main as loadgen_main
+
+        return loadgen_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {

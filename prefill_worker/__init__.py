@@ -1,0 +1,1 @@
+"""Prefill worker service: chunked prefill, then KV handoff to a decode worker."""

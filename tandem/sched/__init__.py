@@ -1,0 +1,1 @@
+"""Scheduling (pure, no torch): the iteration scheduler and its policies (fcfs, mlfq, alise)."""
