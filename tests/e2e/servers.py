@@ -1,0 +1,80 @@
+"""Starting Tandem's CLI processes for end-to-end tests: free ports, spawn, wait for health."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_cli(args: Sequence[str], **kwargs) -> subprocess.Popen:
+    """``python -m tandem.cli ARGS`` with quiet logs (the caller stops it)."""
+    env = {**os.environ, "TANDEM_LOG_LEVEL": "WARNING", **kwargs.pop("env", {})}
+    return subprocess.Popen([sys.executable, "-m", "tandem.cli", *args], env=env, **kwargs)
+
+
+def health(url: str) -> dict:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=1) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+        return {}
+
+
+def wait_healthy(url: str, procs: Sequence[subprocess.Popen], timeout: float = 180.0) -> None:
+    deadline = time.time() + timeout
+    while health(url).get("status") != "ok":
+        if time.time() > deadline:
+            raise AssertionError(f"{url} did not become healthy in {timeout:g} s")
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError("a server process exited during start-up")
+        time.sleep(0.3)
+
+
+def stop(procs: Sequence[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+@contextlib.contextmanager
+def serve(model_dir, *extra: str) -> Iterator[str]:
+    """``tandem serve --model MODEL_DIR EXTRA...`` on a free port; yields its URL."""
+    port = free_port()
+    proc = spawn_cli(["serve", "--model", str(model_dir), "--port", str(port), *extra])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, [proc])
+        yield url
+    finally:
+        stop([proc])
+
+
+def metrics(url: str) -> dict[str, float]:
+    """The router's /metrics as {name{labels}: value}."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
