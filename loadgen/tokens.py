@@ -43,6 +43,7 @@ class PromptTokenizer:
         self.usable_ids = np.array([i for i in range(vocab) if i not in special], dtype=np.int64)
         if len(self.usable_ids) == 0:
             raise TokenizerError(f"{file} has no ordinary tokens")
+        self._word_ids: np.ndarray | None = None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -53,15 +54,28 @@ class PromptTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def _words(self) -> np.ndarray:
+        """Ordinary tokens that are a whole word with a leading space and encode back to
+        themselves: joined, they re-encode token for token under a whitespace pre-tokenizer
+        (byte-level BPE, metaspace), so prompts get exact lengths on the first try."""
+        if self._word_ids is None:
+            words = []
+            for i in self.usable_ids.tolist():
+                s = self._tok.decode([i])
+                if len(s) > 1 and s[0] == " " and s[1:].isalpha() and self.encode(s) == [i]:
+                    words.append(i)
+            self._word_ids = np.array(words if len(words) >= 64 else self.usable_ids, np.int64)
+        return self._word_ids
+
     def text_of_ids(self, ids: list[int], length: int | None = None) -> tuple[str, int]:
-        """Text for ``ids`` (mapped onto ordinary tokens), fixed up to re-encode to
+        """Text for ``ids`` (mapped onto whole-word tokens), fixed up to re-encode to
         ``length`` tokens (default ``len(ids)``). Returns (text, real token count)."""
         target = len(ids) if length is None else length
-        usable = self.usable_ids
-        ids = [int(usable[i % len(usable)]) for i in ids]
+        words = self._words()
+        ids = [int(words[i % len(words)]) for i in ids]
         text = self.decode(ids)
         best = (text, self.count(text))
-        for _ in range(8):
+        for attempt in range(16):
             enc = self.encode(text)
             n = len(enc)
             if abs(n - target) < abs(best[1] - target):
@@ -69,14 +83,13 @@ class PromptTokenizer:
             if n == target:
                 return text, n
             if n > target:
-                text = self.decode(enc[:target])
-            else:  # merges shrank it: append more ordinary tokens
-                extra = [int(usable[(sum(enc) + k) % len(usable)]) for k in range(target - n)]
+                text = self.decode(enc[: max(target - (attempt % 2), 1)])
+            else:  # merges shrank it: append more words
+                extra = [int(words[(sum(enc) + k) % len(words)]) for k in range(target - n)]
                 text = self.decode(enc + extra)
-        n = self.count(text)
-        return (text, n) if abs(n - target) <= abs(best[1] - target) else best
+        return best
 
     def text_of_length(self, rng: np.random.Generator, length: int) -> tuple[str, int]:
         """Random text of ``length`` tokens. Returns (text, real token count)."""
-        ids = rng.integers(0, len(self.usable_ids), max(length, 1)).tolist()
+        ids = rng.integers(0, len(self._words()), max(length, 1)).tolist()
         return self.text_of_ids(ids, length)
