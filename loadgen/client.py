@@ -122,6 +122,8 @@ async def send(
             rec.ttft = rec.latency  # an empty completion: first (and only) event at the end
     except asyncio.TimeoutError:
         rec.error = f"timeout after {target.timeout_s:g} s"
+    except asyncio.CancelledError:  # only the runner cancels: the run was interrupted
+        rec.error = "cancelled: run interrupted"
     except (aiohttp.ClientError, OSError, json.JSONDecodeError, ValueError) as e:
         rec.error = f"{type(e).__name__}: {e}"
     if usage.get("completion_tokens") is not None:

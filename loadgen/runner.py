@@ -2,7 +2,9 @@
 
 Bounds: at most ``num_requests`` requests are sent (the jobs are reused in order when there
 are fewer), none after ``duration_s`` seconds; requests already sent are always awaited, so
-every request sent ends up in the records (errors included). With ``max_concurrency``, a
+every request sent ends up in the records (errors included). Ctrl-C (SIGINT) stops the run
+early: nothing more is sent, requests in flight are cancelled and recorded as errors
+("cancelled: run interrupted"), and the caller still gets every record. With ``max_concurrency``, a
 request due while that many are in flight waits for one to finish; its send time (TTFT and
 JCT start) is when it is actually sent, as in vLLM's benchmark.
 """
@@ -10,8 +12,10 @@ JCT start) is when it is actually sent, as in vLLM's benchmark.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
+import signal
 import time
 from collections.abc import Sequence
 
@@ -48,6 +52,7 @@ async def run_load(
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     tasks: list[asyncio.Task[RequestRecord]] = []
+    sent: list[Job] = []
 
     async def one(job: Job) -> RequestRecord:
         rec = None
@@ -66,6 +71,11 @@ async def run_load(
             if progress is not None:
                 progress.tick()
 
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not main thread
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=None)
     ) as session:
@@ -78,7 +88,12 @@ async def run_load(
                 if duration_s is not None and offset > duration_s:
                     break
                 delay = start + offset - time.perf_counter()
-                await asyncio.sleep(max(delay, 0.0))  # also lets started requests run
+                await asyncio.sleep(0)  # lets started requests run
+                if delay > 0:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():
+                    break
                 if limit is not None:
                     await limit.acquire()
                 if duration_s is not None and time.perf_counter() - start > duration_s:
@@ -89,12 +104,33 @@ async def run_load(
                 if k >= len(jobs):  # a reused job keeps a unique index in the records
                     job = Job(k, job.prompt, job.prompt_len, job.output_len, None, job.priority)
                 tasks.append(asyncio.create_task(one(job)))
+                sent.append(job)
                 if progress is not None:
                     progress.on_sent()
-            records = list(await asyncio.gather(*tasks))
+            if tasks:
+                all_done = asyncio.gather(*tasks, return_exceptions=True)
+                stopper = asyncio.ensure_future(stop.wait())
+                await asyncio.wait([all_done, stopper], return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                for t in tasks:
+                    t.cancel()  # interrupted: each ends as a recorded error
+                await asyncio.wait([all_done])
+            records = [_record(job, t) for job, t in zip(sent, tasks, strict=True)]
             duration = time.perf_counter() - start
         finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGINT)
             tick.cancel()
             for t in tasks:
                 t.cancel()
         return records, duration
+
+
+def _record(job: Job, task: asyncio.Task[RequestRecord]) -> RequestRecord:
+    """The task's record; a task cancelled before it ran still yields an error record."""
+    if not task.cancelled() and task.exception() is None:
+        return task.result()
+    why = (
+        "cancelled: run interrupted" if task.cancelled() else f"client error: {task.exception()!r}"
+    )
+    return RequestRecord(job.index, job.priority, job.prompt_len, job.output_len, error=why)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 
 import aiohttp
 import pytest
@@ -15,6 +17,7 @@ from aiohttp import web
 
 from loadgen.client import Target, send
 from loadgen.dataset import Job
+from loadgen.runner import run_load
 
 
 async def _sse(request, chunks, done=True, delay=0.0):
@@ -64,6 +67,18 @@ async def slow(request):
     return web.Response()
 
 
+IN_FLIGHT = {"now": 0, "max": 0}
+
+
+async def counted(request):
+    IN_FLIGHT["now"] += 1
+    IN_FLIGHT["max"] = max(IN_FLIGHT["max"], IN_FLIGHT["now"])
+    try:
+        return await _sse(request, [_text("a"), _text("b")], delay=0.02)
+    finally:
+        IN_FLIGHT["now"] -= 1
+
+
 pytestmark = pytest.mark.asyncio
 
 
@@ -71,7 +86,7 @@ pytestmark = pytest.mark.asyncio
 async def base_url(unused_tcp_port):
     app = web.Application()
     for name, handler in [("ok", ok), ("refused", refused), ("error", error_event),
-                          ("truncated", truncated), ("slow", slow)]:  # fmt: skip
+                          ("truncated", truncated), ("slow", slow), ("counted", counted)]:  # fmt: skip
         app.router.add_post(f"/{name}/v1/completions", handler)
     app.router.add_post("/chat/v1/chat/completions", chat)
     runner = web.AppRunner(app)
@@ -118,3 +133,30 @@ async def test_timeout_and_connection_refused(base_url, unused_tcp_port_factory)
     assert r.error == "timeout after 0.2 s"
     r = await _send(f"http://127.0.0.1:{unused_tcp_port_factory()}")
     assert not r.ok and "Connect" in r.error
+
+
+JOBS = [Job(i, "p", 1, 2) for i in range(5)]
+
+
+async def test_run_is_bounded_by_count_and_concurrency(base_url):
+    IN_FLIGHT["max"] = 0
+    target = Target(base_url + "/counted", "m")
+    records, duration = await run_load(target, JOBS, num_requests=12, max_concurrency=3)
+    assert len(records) == 12 and all(r.ok for r in records)
+    assert sorted(r.index for r in records) == list(range(12))  # reused jobs, unique indices
+    assert IN_FLIGHT["max"] == 3
+    assert duration >= max(r.start + r.latency for r in records) - 1e-6
+
+
+async def test_run_is_bounded_by_duration(base_url):
+    target = Target(base_url + "/counted", "m")
+    records, duration = await run_load(target, JOBS, rate=20.0, duration_s=0.5, seed=1)
+    assert 3 <= len(records) <= 25 and all(r.start <= 0.5 + 0.05 for r in records)
+
+
+async def test_interrupt_records_every_request_in_flight(base_url):
+    target = Target(base_url + "/slow", "m", timeout_s=30)
+    asyncio.get_running_loop().call_later(0.3, os.kill, os.getpid(), signal.SIGINT)
+    records, duration = await run_load(target, JOBS, num_requests=50, rate=20.0)
+    assert duration < 3.0 and 2 <= len(records) < 50
+    assert all(r.error == "cancelled: run interrupted" for r in records)
