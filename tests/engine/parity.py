@@ -22,11 +22,13 @@ class Reference:
     logits: list[torch.Tensor]  # per generated position: [vocab]
 
 
-def reference_greedy(model, prompt: list[int], max_new_tokens: int) -> Reference:
+def reference_greedy(
+    model, prompt: list[int], max_new_tokens: int, device: str = "cpu"
+) -> Reference:
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            torch.tensor([prompt], device=device),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,
             do_sample=False,
@@ -35,7 +37,7 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int) -> Reference
             pad_token_id=0,
         )
     tokens = out.sequences[0, len(prompt) :].tolist()
-    return Reference(tokens, [lg[0] for lg in out.logits])
+    return Reference(tokens, [lg[0].cpu() for lg in out.logits])
 
 
 def compare(ref: Reference, got: list[int]) -> tuple[bool, str]:
