@@ -11,7 +11,6 @@ import json
 import os
 import re
 import select
-import socket
 import subprocess
 import sys
 import time
@@ -20,14 +19,10 @@ import urllib.request
 
 import pytest
 
+from tests.e2e.servers import free_port
+
 MAX_TOKENS = 24
 STREAMS = 50
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(proc: subprocess.Popen, timeout: float = 30.0) -> str:
@@ -58,7 +53,7 @@ def stack(tiny_llama_dir):
     procs = [worker]
     try:
         addr = _wait_ready(worker)
-        port = _free_port()
+        port = free_port()
         router = subprocess.Popen(
             [*cli, "router", "--model", str(tiny_llama_dir), "--worker", addr, "--port", str(port)],
             env=env, stdout=subprocess.DEVNULL,

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 
 from tandem import LLM, SamplingParams
+from tests.e2e.servers import free_port, health, spawn_cli
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="redis-server is not installed"
@@ -33,15 +31,9 @@ N_REQUESTS = 200
 MAX_TOKENS = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def redis_url():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             "redis-server",
@@ -68,18 +60,6 @@ def redis_url():
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
-
-
-def _spawn(args):
-    return subprocess.Popen([sys.executable, "-m", "tandem.cli", *args], env={**os.environ})
-
-
-def _health(url):
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=1) as r:
-            return json.loads(r.read())
-    except OSError:
-        return {}
 
 
 async def _stream(session, url, i):
@@ -135,15 +115,15 @@ def test_failover_through_redis_registry(mode, redis_url, tiny_llama_dir):
               "--registry-ttl", str(TTL)]  # fmt: skip
     if mode == "colocated":
         workers = [
-            _spawn(["decode-worker", "--colocated", *common, "--worker-id", f"w{i}"])
+            spawn_cli(["decode-worker", "--colocated", *common, "--worker-id", f"w{i}"])
             for i in range(2)
         ]
         others = []
     else:
-        workers = [_spawn(["decode-worker", *common, "--worker-id", f"w{i}"]) for i in range(2)]
-        others = [_spawn(["prefill-worker", *common, "--worker-id", f"p{i}"]) for i in range(2)]
-    http_port = _free_port()
-    router = _spawn(
+        workers = [spawn_cli(["decode-worker", *common, "--worker-id", f"w{i}"]) for i in range(2)]
+        others = [spawn_cli(["prefill-worker", *common, "--worker-id", f"p{i}"]) for i in range(2)]
+    http_port = free_port()
+    router = spawn_cli(
         [
             "router",
             "--model",
@@ -159,7 +139,7 @@ def test_failover_through_redis_registry(mode, redis_url, tiny_llama_dir):
     survivors = sorted(["tandem:worker:w1"] + [f"tandem:worker:p{i}" for i in range(len(others))])
     try:
         deadline = time.time() + 180
-        while _health(url).get("workers") != len(workers) + len(others):
+        while health(url).get("workers") != len(workers) + len(others):
             assert time.time() < deadline, "router did not see both workers"
             assert all(p.poll() is None for p in procs), "a process exited during start-up"
             time.sleep(0.3)

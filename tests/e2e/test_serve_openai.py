@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,12 @@ import urllib.request
 import pytest
 
 from tandem import LLM, SamplingParams
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.e2e.servers import free_port
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "TANDEM_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tandem.cli", "serve", "--model", str(tiny_llama_dir), "--port", str(port),
