@@ -186,12 +186,15 @@ def _check_swaps_ahead(s: Scheduler, out, before: dict, swapped_in_at: dict[str,
         new = None if req is None else req.status
         if old is RequestStatus.SWAPPED and new is RequestStatus.RUNNING:
             swapped_in_at[rid] = s.iteration
-        elif old is RequestStatus.RUNNING and new is RequestStatus.SWAPPED:
-            if rid not in out.preempted:  # proactive, not a preemption
-                last_in = swapped_in_at.get(rid)
-                assert last_in is None or s.iteration - last_in >= s.offload.hysteresis, (
-                    f"{rid} offloaded {s.iteration - last_in} iterations after its swap-in"
-                )
+        elif (
+            old is RequestStatus.RUNNING
+            and new is RequestStatus.SWAPPED
+            and rid not in out.preempted  # proactive, not a preemption
+        ):
+            last_in = swapped_in_at.get(rid)
+            assert last_in is None or s.iteration - last_in >= s.offload.hysteresis, (
+                f"{rid} offloaded {s.iteration - last_in} iterations after its swap-in"
+            )
 
 
 def test_outputs_are_deterministic_under_preemption():
