@@ -76,3 +76,19 @@ def test_swapper_moves_blocks_out_and_back_and_counts_bytes():
     io = swapper.run(SchedulerOutput(prefetch=[BlockCopy("host", (9, 3), (0, 4))]))
     assert io.in_bytes == 2 * host.bytes_per_block and io.in_wait_s > 0
     assert torch.equal(dev.data[:, :, [0, 4]], before)
+
+
+def test_host_kv_gib_sizes_the_host_tier(tiny_llama_dir):
+    from tandem.engine.llm import build_engine_config
+
+    cfg = ModelConfig.from_pretrained(tiny_llama_dir)
+    dense = build_engine_config(model=tiny_llama_dir, kv_blocks=16, host_kv_gib=0.01)
+    per_block = kv_block_bytes(cfg, "float32", 16)
+    assert dense.cache.num_host_blocks == int(0.01 * 2**30) // per_block
+    assert dense.scheduler.preemption_mode == "swap"
+    packed = build_engine_config(
+        model=tiny_llama_dir, kv_blocks=16, host_kv_gib=0.01, swap_int8=True
+    )
+    assert packed.cache.num_host_blocks > 3 * dense.cache.num_host_blocks
+    with pytest.raises(ValueError, match="not both"):
+        build_engine_config(model=tiny_llama_dir, kv_blocks=16, host_kv_blocks=8, host_kv_gib=1)
