@@ -42,6 +42,7 @@ from typing import Any
 from tandem.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, kv_compat_hash
 from tandem.engine.outputs import RequestOutput
 from tandem.request import Request, RequestStatus, SamplingParams, new_request
+from tandem.sched.offload import SwapStats
 from tandem.sched.scheduler import check_fits
 
 
@@ -70,8 +71,7 @@ class _FakeScheduler:
         self.running: list[Request] = []
         self.swapped: list[Request] = []  # always empty: the fake never swaps
         self.num_preemptions = 0
-        self.num_swapped_out_blocks = 0
-        self.num_swapped_in_blocks = 0
+        self.swap = SwapStats()  # stays zero
         self._blocks: dict[str, int] = {}  # request id -> reserved blocks
         self._seq = itertools.count()
 

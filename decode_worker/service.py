@@ -323,6 +323,7 @@ class WorkerService:
 
     def stats(self) -> dict[str, Any]:
         s = self.engine.scheduler
+        swap = s.swap
         return {
             "type": "stats",
             "running": len(s.running),
@@ -331,7 +332,13 @@ class WorkerService:
             "kv_free": s.device_kv.num_free_blocks,
             "kv_used": s.device_kv.pool.num_used,
             "preemptions": s.num_preemptions,
-            "swapped_out_blocks": s.num_swapped_out_blocks,
-            "swapped_in_blocks": s.num_swapped_in_blocks,
+            "swapped_out_blocks": swap.out_blocks,
+            "swapped_in_blocks": swap.in_blocks,
+            "swapped_out_bytes": swap.out_bytes,
+            "swapped_in_bytes": swap.in_bytes,
+            "proactive_swap_outs": swap.proactive_outs,
+            "swap_prefetches": swap.prefetches,
+            "swap_in_wait_seconds": round(swap.in_wait_s, 6),
+            "swap_out_wait_seconds": round(swap.out_wait_s, 6),
             "iterations": self.engine.num_iterations,
         }

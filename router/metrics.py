@@ -87,6 +87,30 @@ class RouterMetrics:
                 "tandem_worker_swapped_in_blocks_total",
                 "Blocks swapped in per worker",
             ),
+            "swapped_out_bytes": (
+                "tandem_worker_swapped_out_bytes_total",
+                "Bytes written to the host KV tier per worker",
+            ),
+            "swapped_in_bytes": (
+                "tandem_worker_swapped_in_bytes_total",
+                "Bytes read back from the host KV tier per worker",
+            ),
+            "proactive_swap_outs": (
+                "tandem_worker_proactive_swap_outs_total",
+                "Requests offloaded to host under the free-block watermark",
+            ),
+            "swap_prefetches": (
+                "tandem_worker_swap_prefetches_total",
+                "Swapped requests brought back ahead of their turn",
+            ),
+            "swap_in_wait_seconds": (
+                "tandem_worker_swap_in_wait_seconds_total",
+                "Seconds the decode loop waited for swap-ins to land",
+            ),
+            "swap_out_wait_seconds": (
+                "tandem_worker_swap_out_wait_seconds_total",
+                "Seconds the decode loop waited for swap-outs",
+            ),
             "handoffs_ok": (
                 "tandem_worker_kv_handoffs_total",
                 "KV handoffs sent (prefill workers)",

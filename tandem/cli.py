@@ -33,6 +33,24 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host-kv-blocks", type=int, default=0, help="host-tier KV blocks for swap (default: 0)"
     )
+    p.add_argument(
+        "--host-kv-gib",
+        type=float,
+        default=None,
+        help="size the host KV tier in GiB instead of --host-kv-blocks",
+    )
+    p.add_argument(
+        "--swap-watermark",
+        type=float,
+        default=0.05,
+        help="with a host tier: keep this fraction of device KV blocks free by offloading "
+        "idle low-priority requests; 0 = swap only as preemption (default: 0.05)",
+    )
+    p.add_argument(
+        "--swap-int8",
+        action="store_true",
+        help="store swapped KV blocks as int8 with per-head absmax scales (lossy)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=256, help="max requests per iteration")
     p.add_argument(
         "--max-num-batched-tokens", type=int, default=2048, help="token budget per iteration"
@@ -86,8 +104,9 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
 
 
 _ENGINE_FLAGS = (
-    "model", "device", "dtype", "seed", "block_size", "kv_blocks", "host_kv_blocks", "max_num_seqs",
-    "max_num_batched_tokens", "policy", "max_model_len", "cost_model",
+    "model", "device", "dtype", "seed", "block_size", "kv_blocks", "host_kv_blocks", "host_kv_gib",
+    "swap_watermark", "max_num_seqs", "max_num_batched_tokens", "policy", "max_model_len",
+    "cost_model",
 )  # fmt: skip
 
 
@@ -231,6 +250,9 @@ def _engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
             block_size=args.block_size,
             kv_blocks=args.kv_blocks,
             host_kv_blocks=args.host_kv_blocks,
+            host_kv_gib=args.host_kv_gib,
+            swap_watermark=args.swap_watermark,
+            swap_int8=args.swap_int8,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_chunked_prefill=not args.no_chunked_prefill,
@@ -387,6 +409,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             engine_flags += ["--" + name.replace("_", "-"), str(value)]
     if args.no_chunked_prefill:
         engine_flags.append("--no-chunked-prefill")
+    if args.swap_int8:
+        engine_flags.append("--swap-int8")
     if args.decode_workers:
         roles = [("prefill-worker", [])] * args.prefill_workers + [
             ("decode-worker", [])

@@ -197,17 +197,29 @@ def kv_compat_hash(model: ModelConfig, dtype: str, block_size: int) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def kv_block_bytes(model: ModelConfig, dtype: str, block_size: int, int8: bool = False) -> int:
+    """Bytes of one KV block (K and V of every layer): in ``dtype``, or as int8 plus one
+    float32 absmax scale per layer, K/V and KV head (the host tier with ``swap_int8``)."""
+    elements = model.num_layers * 2 * block_size * model.num_kv_heads * model.head_dim
+    if int8:
+        return elements + model.num_layers * 2 * model.num_kv_heads * 4
+    return elements * (4 if dtype == "float32" else 2)
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache geometry.
 
-    ``num_blocks`` is the device tier; ``num_host_blocks`` the second tier used by
-    swap preemption (0 = no host tier: preemption recomputes).
+    ``num_blocks`` is the device tier; ``num_host_blocks`` the host tier (pinned memory
+    on CUDA) that swap preemption and proactive offload use (0 = no host tier:
+    preemption recomputes). ``swap_int8`` stores swapped blocks as int8 with a per-head,
+    per-block absmax scale (ALISE): lossy, so off by default.
     """
 
     block_size: int = 16
     num_blocks: int = 1024
     num_host_blocks: int = 0
+    swap_int8: bool = False
 
     def __post_init__(self) -> None:
         _require(
@@ -236,6 +248,12 @@ class SchedulerConfig:
     policy: str = "mlfq"
     preemption_mode: str = "recompute"
     max_model_len: int | None = None
+    # Proactive offload (FastServe), active only with a host tier: keep this fraction of
+    # the device blocks free by swapping out idle low-priority requests, and prefetch
+    # swapped requests only into room above it. 0 = swap only as preemption.
+    swap_watermark: float = 0.05
+    # Iterations a request swapped in is safe from proactive swap-out (no ping-pong).
+    swap_hysteresis_iters: int = 4
     # mlfq / alise knobs (see tandem/sched/mlfq.py, alise.py). q0 None = from the cost model.
     mlfq_q0: float | None = None
     mlfq_levels: int = 8
@@ -254,6 +272,8 @@ class SchedulerConfig:
         _require(
             self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"
         )
+        _require(0.0 <= self.swap_watermark < 1.0, "swap_watermark must be in [0, 1) (a fraction)")
+        _require(self.swap_hysteresis_iters >= 0, "swap_hysteresis_iters must be >= 0")
         _require(self.mlfq_q0 is None or self.mlfq_q0 > 0, "mlfq_q0 must be > 0 seconds")
         _require(self.mlfq_levels >= 1, "mlfq_levels must be >= 1")
         _require(self.starvation_limit > 0, "starvation_limit must be > 0 seconds")

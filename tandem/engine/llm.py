@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
+from tandem.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, kv_block_bytes
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.outputs import RequestOutput
 from tandem.request import SamplingParams
@@ -33,7 +33,7 @@ class LLM:
 
     ``model=None`` is the bundled tiny model. ``options`` are those of
     ``build_engine_config`` (below): seed, block_size, kv_blocks, host_kv_blocks,
-    max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, policy,
+    host_kv_gib, swap_watermark, swap_int8, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, policy,
     preemption_mode, max_model_len, cost_model, mlfq_q0, starvation_limit.
     """
 
@@ -120,6 +120,9 @@ def build_engine_config(
     block_size: int = 16,
     kv_blocks: int | None = None,
     host_kv_blocks: int = 0,
+    host_kv_gib: float | None = None,
+    swap_watermark: float = 0.05,
+    swap_int8: bool = False,
     max_num_seqs: int = 256,
     max_num_batched_tokens: int = 2048,
     enable_chunked_prefill: bool = True,
@@ -130,7 +133,11 @@ def build_engine_config(
     mlfq_q0: float | None = None,
     starvation_limit: float = 60.0,
 ) -> EngineConfig:
-    """The engine configuration the offline API and the workers share (model=None: bundled)."""
+    """The engine configuration the offline API and the workers share (model=None: bundled).
+
+    The host tier is sized by ``host_kv_blocks`` or by ``host_kv_gib`` (not both): GiB of
+    host memory over the bytes of one host block (int8 blocks are smaller).
+    """
     if model is None:
         from tandem.tinymodel import default_model_dir
 
@@ -138,13 +145,22 @@ def build_engine_config(
     model = str(model)
     if kv_blocks is None:
         kv_blocks = _auto_kv_blocks(model, dtype, block_size)
+    if host_kv_gib is not None:
+        if host_kv_blocks:
+            raise ValueError("give host_kv_blocks (--host-kv-blocks) or host_kv_gib, not both")
+        if not host_kv_gib > 0:
+            raise ValueError(f"host_kv_gib (--host-kv-gib) must be > 0, got {host_kv_gib}")
+        host_kv_blocks = _host_kv_blocks(model, dtype, block_size, host_kv_gib, swap_int8)
     return EngineConfig(
         model=model,
         device=device,
         dtype=dtype,
         seed=seed,
         cache=CacheConfig(
-            block_size=block_size, num_blocks=kv_blocks, num_host_blocks=host_kv_blocks
+            block_size=block_size,
+            num_blocks=kv_blocks,
+            num_host_blocks=host_kv_blocks,
+            swap_int8=swap_int8,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=max_num_seqs,
@@ -153,6 +169,7 @@ def build_engine_config(
             policy=policy,
             preemption_mode=preemption_mode or ("swap" if host_kv_blocks > 0 else "recompute"),
             max_model_len=max_model_len,
+            swap_watermark=swap_watermark,
             mlfq_q0=mlfq_q0,
             starvation_limit=starvation_limit,
         ),
@@ -161,9 +178,15 @@ def build_engine_config(
 
 
 def _auto_kv_blocks(model: str, dtype: str, block_size: int) -> int:
-    from tandem.config import ModelConfig
-
-    cfg = ModelConfig.from_pretrained(model)
-    elem = 4 if dtype == "float32" else 2
-    per_block = cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    per_block = kv_block_bytes(ModelConfig.from_pretrained(model), dtype, block_size)
     return max(16, DEFAULT_CPU_KV_BYTES // per_block)
+
+
+def _host_kv_blocks(model: str, dtype: str, block_size: int, gib: float, int8: bool) -> int:
+    per_block = kv_block_bytes(ModelConfig.from_pretrained(model), dtype, block_size, int8)
+    blocks = int(gib * 2**30) // per_block
+    if blocks < 1:
+        raise ValueError(
+            f"host_kv_gib (--host-kv-gib) {gib} holds no KV block ({per_block} bytes each)"
+        )
+    return blocks

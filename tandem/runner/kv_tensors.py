@@ -3,7 +3,8 @@
 One tensor per tier: ``data`` [num_layers, 2 (K, V), num_blocks, block_size, Hkv, D].
 Per-layer K and V views are what attention reads and writes. ``gather`` and ``scatter``
 move whole blocks; they are the byte half of the export/import primitive (the
-bookkeeping half is tandem/kvcache): swap, handoff and migration all go through them.
+bookkeeping half is tandem/kvcache) for handoff and migration. Swaps to the host tier
+use the block-major copies of ``host_kv`` / ``kv_swap`` instead (pinned, asynchronous).
 """
 
 from __future__ import annotations
@@ -61,13 +62,3 @@ class KVTensors:
         async_ok = self.device.type != "cpu"
         moved = payload.to(device=self.device, dtype=self.data.dtype, non_blocking=async_ok)
         self.data.index_copy_(2, idx, moved)
-
-
-def copy_blocks(
-    src: KVTensors, src_ids: Sequence[int], dst: KVTensors, dst_ids: Sequence[int]
-) -> None:
-    """Copy blocks pairwise from one tier to another (or within one tier)."""
-    if len(src_ids) != len(dst_ids):
-        raise ValueError(f"copy of {len(src_ids)} blocks into {len(dst_ids)}")
-    if src_ids:
-        dst.scatter(dst_ids, src.gather(src_ids))

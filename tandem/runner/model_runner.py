@@ -1,8 +1,10 @@
 """The model runner: executes one ``SchedulerOutput`` and returns a ``RunnerOutput``.
 
-Owns the model weights, the device KV tensors, the host KV tensors (second tier) and
-the sampler. Per iteration: swap-out copies, swap-in copies, input preparation, one
-forward pass over the flat batch, logits only for rows that sample, sampling.
+Owns the model weights, the device KV tensors, the host KV tier (pinned on CUDA, int8
+with ``swap_int8``) and the sampler. Per iteration: swap copies (``KVSwapper``: those
+this batch needs complete first, those ahead of need overlap the forward pass on CUDA),
+input preparation, one forward pass over the flat batch, logits only for rows that
+sample, sampling.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import torch
 from tandem.attention import get_backend
 from tandem.config import EngineConfig, ModelConfig
 from tandem.models import load_model
+from tandem.runner.host_kv import HostKVTier
 from tandem.runner.inputs import prepare_inputs
-from tandem.runner.kv_tensors import KVTensors, copy_blocks
+from tandem.runner.kv_swap import KVSwapper
+from tandem.runner.kv_tensors import KVTensors
 from tandem.runner.sampler import Sampler, SamplingRow
 from tandem.sched.output import RunnerOutput, SchedulerOutput
 
@@ -33,29 +37,28 @@ class ModelRunner:
             model_config, cache.num_blocks, cache.block_size, self.dtype, self.device
         )
         self.host_kv = (
-            KVTensors(
+            HostKVTier(
                 model_config,
                 cache.num_host_blocks,
                 cache.block_size,
                 self.dtype,
-                "cpu",
+                int8=cache.swap_int8,
                 pin_memory=self.device.type == "cuda",
             )
             if cache.num_host_blocks > 0
             else None
         )
+        self.swapper = KVSwapper(self.kv, self.host_kv) if self.host_kv is not None else None
         self.backend = get_backend("torch")
         self.sampler = Sampler(seed=config.seed)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        for copy in sched.swap_out:
-            assert self.host_kv is not None, "swap-out scheduled without a host tier"
-            copy_blocks(self.kv, copy.src, self.host_kv, copy.dst)
-        for copy in sched.swap_in:
-            assert self.host_kv is not None, "swap-in scheduled without a host tier"
-            copy_blocks(self.host_kv, copy.src, self.kv, copy.dst)
         out = RunnerOutput()
+        if self.swapper is not None:
+            out.swap = self.swapper.run(sched)
+        elif sched.swaps_out or sched.swaps_in:
+            raise AssertionError("swap scheduled without a host tier")
         if not sched.chunks:
             return out
         inputs = prepare_inputs(
@@ -85,8 +88,13 @@ class ModelRunner:
         return out
 
     # Byte half of export/import between engines (handoff, migration).
+    # Swaps ahead of need may still be copying device blocks: let them land first.
     def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        if self.swapper is not None:
+            self.swapper.wait_all()
         return self.kv.gather(block_ids)
 
     def scatter_blocks(self, block_ids: list[int], payload: torch.Tensor) -> None:
+        if self.swapper is not None:
+            self.swapper.wait_all()
         self.kv.scatter(block_ids, payload)

@@ -5,6 +5,14 @@ One iteration: ``SchedulerOutput`` → runner → ``RunnerOutput`` →
 ``swap_out`` copies, then ``swap_in`` copies, then the forward pass. The scheduler relies
 on that order: device blocks given up by a swap-out may be handed to another request in
 the same iteration, whose forward pass overwrites them only after the copy.
+
+``offload`` and ``prefetch`` are copies ahead of need (FastServe): the forward pass of this
+iteration reads and writes none of their blocks, so they may overlap it, but they must
+be complete before the next iteration's forward pass (which may reuse the device blocks
+an offload gave up, or run the request a prefetch brought in) and before any other read
+of those blocks. Copies between the same two blocks keep the order they were issued in,
+across iterations. Within one iteration, ``swap_out`` + ``offload`` and ``swap_in`` +
+``prefetch`` are never both non-empty (no ping-pong).
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     swap_out: list[BlockCopy] = field(default_factory=list)  # device -> host
     swap_in: list[BlockCopy] = field(default_factory=list)  # host -> device
+    offload: list[BlockCopy] = field(default_factory=list)  # device -> host, ahead of need
+    prefetch: list[BlockCopy] = field(default_factory=list)  # host -> device, ahead of need
     preempted: list[str] = field(default_factory=list)
 
     @property
@@ -50,8 +60,27 @@ class SchedulerOutput:
         return sum(c.num_tokens for c in self.chunks)
 
     @property
+    def swaps_out(self) -> bool:
+        return bool(self.swap_out or self.offload)
+
+    @property
+    def swaps_in(self) -> bool:
+        return bool(self.swap_in or self.prefetch)
+
+    @property
     def is_empty(self) -> bool:
-        return not self.chunks and not self.swap_out and not self.swap_in
+        return not self.chunks and not self.swaps_out and not self.swaps_in
+
+
+@dataclass(frozen=True)
+class SwapIO:
+    """What the runner's swap copies cost in one iteration (bytes on the host side)."""
+
+    out_bytes: int = 0
+    in_bytes: int = 0
+    in_wait_s: float = 0.0  # the loop blocked this long waiting for swap-ins to land
+    out_wait_s: float = 0.0
+    copy_s: float = 0.0  # duration of the copies completed (device time on CUDA)
 
 
 @dataclass
@@ -60,3 +89,4 @@ class RunnerOutput:
 
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)
+    swap: SwapIO = field(default_factory=SwapIO)

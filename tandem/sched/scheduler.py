@@ -9,6 +9,10 @@ Each call to ``schedule()`` builds one stall-free batch (Sarathi-Serve):
 2. Swapped requests, in policy order, are swapped back in when blocks allow.
 3. Waiting requests (new or preempted), in policy order, while budget, batch size and
    free blocks allow. A chunk that does not finish the prompt ends on a block boundary.
+4. With a host tier, copies ahead of need (FastServe, rules in ``offload.py``): below the
+   free-block watermark, idle low-priority residents are offloaded to the host; above
+   it, swapped requests of the next batch are prefetched. The runner overlaps these
+   copies with the forward pass; the batch built in steps 1–3 uses none of their blocks.
 
 ``update_from_output()`` closes the loop: it advances ``num_computed_tokens`` by each
 chunk, appends sampled tokens and applies token-level stop rules.
@@ -29,6 +33,7 @@ from tandem.config import CacheConfig, SchedulerConfig
 from tandem.kvcache import KVCacheManager
 from tandem.request import Request, RequestStatus
 from tandem.sched.cost_model import CostModel
+from tandem.sched.offload import Candidate, OffloadPlanner, SwapStats
 from tandem.sched.output import BlockCopy, RunnerOutput, ScheduledChunk, SchedulerOutput
 from tandem.sched.policy import SchedulingPolicy, make_policy
 
@@ -105,10 +110,23 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.swapped: list[Request] = []
+        self.offload = OffloadPlanner(
+            sched_config.swap_watermark if self.host_kv is not None else 0.0,
+            cache_config.num_blocks,
+            sched_config.swap_hysteresis_iters,
+        )
+        self.iteration = 0  # schedule() calls so far
         # Counters for metrics.
         self.num_preemptions = 0
-        self.num_swapped_out_blocks = 0
-        self.num_swapped_in_blocks = 0
+        self.swap = SwapStats()
+
+    @property
+    def num_swapped_out_blocks(self) -> int:
+        return self.swap.out_blocks
+
+    @property
+    def num_swapped_in_blocks(self) -> int:
+        return self.swap.in_blocks
 
     # ------------------------------------------------------------------ admission
     def add_request(self, request: Request) -> None:
@@ -168,6 +186,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         now = self.clock()
         self._scheduled_at = now
+        self.iteration += 1
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         live = [*self.running, *self.swapped, *self.waiting]
@@ -203,7 +222,7 @@ class Scheduler:
                 # only into free blocks, with room for the chunk it will run right away.
                 if (
                     not admitting
-                    or out.swap_out
+                    or out.swaps_out
                     or not self.device_kv.can_allocate(req.request_id, req.num_computed_tokens + n)
                 ):
                     admitting = False
@@ -237,7 +256,54 @@ class Scheduler:
             self._add_chunk(req, n, out)
             picked += 1
             budget -= n
+        if self.offload.enabled:
+            self._plan_ahead(order, out)
         return out
+
+    def _plan_ahead(self, order: list[Request], out: SchedulerOutput) -> None:
+        """Offload below the watermark or prefetch above it (rules in ``offload.py``)."""
+        host = self.host_kv
+        assert host is not None
+        dev = self.device_kv
+        in_batch = {c.request.request_id for c in out.chunks}
+        if dev.num_free_blocks < self.offload.watermark:
+            if out.swaps_in or self.config.preemption_mode != "swap":
+                return
+            idle = [
+                Candidate(
+                    r.request_id,
+                    len(dev.block_table(r.request_id)),
+                    host.blocks_needed(r.request_id, r.num_computed_tokens),
+                )
+                for r in reversed(order)
+                if r.status is RequestStatus.RUNNING
+                and r.num_computed_tokens > 0
+                and r.request_id not in in_batch
+            ]
+            plan = self.offload.plan_offload(
+                idle, dev.num_free_blocks, host.num_free_blocks, self.iteration
+            )
+            for rid in plan:
+                req = self.requests[rid]
+                self.running.remove(req)
+                swapped = self._swap_out(req, out, ahead=True)
+                assert swapped, "the planner checked host room"
+                self.swap.proactive_outs += 1
+        elif not out.swaps_out:
+            # The next batch, should this one's requests all leave: the first max_num_seqs
+            # requests of the order outside this batch. Its swapped requests come back in
+            # order, but none ahead of a waiting request (that one gets the blocks first).
+            nxt = [r for r in order if r.request_id not in in_batch][: self.config.max_num_seqs]
+            swapped: list[Candidate] = []
+            for r in nxt:
+                if r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+                    break
+                if r.status is RequestStatus.SWAPPED:
+                    need = dev.blocks_needed(r.request_id, r.num_computed_tokens)
+                    swapped.append(Candidate(r.request_id, need, 0))
+            for rid in self.offload.plan_prefetch(swapped, dev.num_free_blocks):
+                self._swap_in(self.requests[rid], out, ahead=True)
+                self.swap.prefetches += 1
 
     def _room_for(
         self, req: Request, n: int, resident: list[Request], rank: dict[str, int]
@@ -313,13 +379,18 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         self.waiting.append(req)
 
-    def _swap_out(self, req: Request, out: SchedulerOutput) -> bool:
+    def _swap_out(self, req: Request, out: SchedulerOutput, ahead: bool = False) -> bool:
+        """Move a request that left ``running`` to the host tier; False if it cannot.
+
+        ``ahead``: a proactive offload, which the runner may overlap with the forward pass
+        (its device blocks are not reused before the next iteration).
+        """
         host = self.host_kv
         if (
             host is None
             # Swap-ins and swap-outs never share an iteration: host blocks a swap-in just
             # released could be overwritten by a swap-out that the runner copies first.
-            or out.swap_in
+            or out.swaps_in
             or self.config.preemption_mode != "swap"
             or req.num_computed_tokens == 0
             or not host.can_allocate(req.request_id, req.num_computed_tokens)
@@ -327,26 +398,34 @@ class Scheduler:
             return False
         export = self.device_kv.export(req.request_id, req.num_computed_tokens)
         dst = host.reserve_import(req.request_id, req.num_computed_tokens)
-        out.swap_out.append(BlockCopy("device", export.block_ids, tuple(dst)))
+        copies = out.offload if ahead else out.swap_out
+        copies.append(BlockCopy("device", export.block_ids, tuple(dst)))
         host.commit_import(req.request_id)
-        # Safe to free now: the runner copies swap-outs before the forward pass.
+        # Safe to free now: the runner copies swap-outs before the forward pass, and an
+        # offload's blocks are not handed out again until the next iteration.
         self.device_kv.release_export(export)
-        self.num_swapped_out_blocks += len(dst)
+        self.swap.out_blocks += len(dst)
+        self.offload.forget(req.request_id)
         req.status = RequestStatus.SWAPPED
         self.swapped.append(req)
         return True
 
-    def _swap_in(self, req: Request, out: SchedulerOutput) -> None:
-        """Bring a swapped request's blocks back; the caller checked there is room."""
+    def _swap_in(self, req: Request, out: SchedulerOutput, ahead: bool = False) -> None:
+        """Bring a swapped request's blocks back; the caller checked there is room.
+
+        ``ahead``: a prefetch for a later iteration, not part of this iteration's batch.
+        """
         assert self.host_kv is not None
         export = self.host_kv.export(req.request_id, req.num_computed_tokens)
         dst = self.device_kv.reserve_import(req.request_id, req.num_computed_tokens)
-        out.swap_in.append(BlockCopy("host", export.block_ids, tuple(dst)))
+        copies = out.prefetch if ahead else out.swap_in
+        copies.append(BlockCopy("host", export.block_ids, tuple(dst)))
         self.device_kv.commit_import(req.request_id)
         # Host blocks may be reused at once: swap-ins and swap-outs never share an
         # iteration, so nothing overwrites them before the runner copies them.
         self.host_kv.release_export(export)
-        self.num_swapped_in_blocks += len(dst)
+        self.swap.in_blocks += len(dst)
+        self.offload.note_swap_in(req.request_id, self.iteration)
         self.swapped.remove(req)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
@@ -360,6 +439,7 @@ class Scheduler:
         now = self.clock()
         if seconds is None:
             seconds = max(now - self._scheduled_at, 0.0)
+        self.swap.add_io(runner_out.swap)
         events: list[TokenEvent] = []
         for chunk in sched_out.chunks:
             req = chunk.request
@@ -390,6 +470,7 @@ class Scheduler:
         self.device_kv.free(request_id)
         if self.host_kv is not None:
             self.host_kv.free(request_id)
+        self.offload.forget(request_id)
         req.status = status
         self.policy.on_finish(req)
         return req

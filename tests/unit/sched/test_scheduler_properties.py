@@ -5,7 +5,11 @@ Invariants checked on every iteration of random workloads:
 - a chunk's block table covers its tokens, and chunks that do not finish a prompt end on
   a block boundary (when the budget allows a whole block);
 - every request is in exactly one queue until it finishes; all finish; nothing leaks in
-  either tier; swap copies are balanced.
+  either tier; swap copies are balanced;
+- proactive offload and prefetch (FastServe): their blocks are disjoint from the batch
+  they ship with, swap-ins and swap-outs never share an iteration, a prefetch never leaves
+  fewer free blocks than the watermark, and no request is offloaded within the
+  hysteresis window after it was swapped in.
 """
 
 from __future__ import annotations
@@ -83,9 +87,10 @@ def _policy(name: str, s_limit: float = 0.5):
     num_blocks=st.integers(20, 60),  # 20 = the largest request's need (80 tokens)
     host_blocks=st.sampled_from([0, 8, 64]),
     chunked=st.booleans(),
+    watermark=st.sampled_from([0.0, 0.05, 0.3]),
 )
 def test_random_workloads_finish_without_leaks(
-    policy_name, reqs, budget, max_seqs, num_blocks, host_blocks, chunked
+    policy_name, reqs, budget, max_seqs, num_blocks, host_blocks, chunked, watermark
 ):
     mode = "swap" if host_blocks else "recompute"
     if not chunked:
@@ -98,11 +103,13 @@ def test_random_workloads_finish_without_leaks(
             max_num_batched_tokens=budget,
             enable_chunked_prefill=chunked,
             preemption_mode=mode,
+            swap_watermark=watermark,
         ),
         CacheConfig(block_size=BLOCK, num_blocks=num_blocks, num_host_blocks=host_blocks),
         policy=policy,
         clock=lambda: clock[0],
     )
+    swapped_in_at: dict[str, int] = {}
     pending = sorted(
         ((arr, i, plen, mt, prio) for i, (plen, mt, prio, arr) in enumerate(reqs)), reverse=True
     )
@@ -122,7 +129,9 @@ def test_random_workloads_finish_without_leaks(
             )
         if not s.requests and not pending:
             break
+        before = {rid: r.status for rid, r in s.requests.items()}
         out = s.schedule()
+        _check_swaps_ahead(s, out, before, swapped_in_at)
         if policy_name == "mlfq":  # schedule() may only promote (starvation) to queue 0
             _check_levels(policy, s, levels, allowed=lambda old: (old, 0))
         assert out.num_batched_tokens <= budget
@@ -144,9 +153,9 @@ def test_random_workloads_finish_without_leaks(
             for r in s.requests.values():
                 if worst is not None and r.priority < worst and r.request_id not in scheduled:
                     assert r.num_uncomputed_tokens > 1 or len(out.chunks) == max_seqs
-        for copy in out.swap_out + out.swap_in:
+        for copy in out.swap_out + out.swap_in + out.offload + out.prefetch:
             assert len(copy.src) == len(copy.dst)
-        assert not (out.swap_out and out.swap_in), "swap-in and swap-out in one iteration"
+        assert not (out.swaps_out and out.swaps_in), "swap-in and swap-out in one iteration"
         clock[0] += 0.01
         for ev in s.update_from_output(out, _fake_run(out), seconds=0.01):
             if ev.finished:
@@ -160,6 +169,32 @@ def test_random_workloads_finish_without_leaks(
     assert finished == {f"r{i}" for i in range(len(reqs))}
     assert s.device_kv.num_free_blocks == num_blocks
     assert s.host_kv is None or s.host_kv.num_free_blocks == host_blocks
+
+
+def _check_swaps_ahead(s: Scheduler, out, before: dict, swapped_in_at: dict[str, int]) -> None:
+    batch_blocks = {b for c in out.chunks for b in c.block_table}
+    for copy in out.offload:
+        assert batch_blocks.isdisjoint(copy.src), "offloaded a block the batch uses"
+    for copy in out.prefetch:
+        assert batch_blocks.isdisjoint(copy.dst), "prefetched into a block the batch uses"
+    if out.prefetch:
+        assert s.device_kv.num_free_blocks >= s.offload.watermark
+    if out.offload:
+        assert s.offload.enabled
+    for rid, old in before.items():
+        req = s.requests.get(rid)
+        new = None if req is None else req.status
+        if old is RequestStatus.SWAPPED and new is RequestStatus.RUNNING:
+            swapped_in_at[rid] = s.iteration
+        elif (
+            old is RequestStatus.RUNNING
+            and new is RequestStatus.SWAPPED
+            and rid not in out.preempted  # proactive, not a preemption
+        ):
+            last_in = swapped_in_at.get(rid)
+            assert last_in is None or s.iteration - last_in >= s.offload.hysteresis, (
+                f"{rid} offloaded {s.iteration - last_in} iterations after its swap-in"
+            )
 
 
 def test_outputs_are_deterministic_under_preemption():
