@@ -423,9 +423,11 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         cmd = [sys.executable, "-m", "tandem.cli", role, *extra, "--port", str(port), *engine_flags]
         children.append(subprocess.Popen(cmd))
         addresses.append(f"127.0.0.1:{port}")
+    failed, stopping = _watch_workers(children, [role for role, _ in roles])
     try:
         _run_router(config.model, addresses, args, parser)
     finally:
+        stopping.set()
         for child in children:
             child.terminate()
         for child in children:
@@ -433,7 +435,37 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 child.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 child.kill()
+    if failed:
+        print(f"error: {failed[0]}; tandem serve stopped", file=sys.stderr)
+        return 1
     return 0
+
+
+def _watch_workers(children: list, roles: list[str]):
+    """Stop ``tandem serve`` (SIGTERM to itself: the router shuts down cleanly) once every
+    worker of a role has exited, e.g. a worker that failed at start-up: it cannot serve,
+    and a supervisor (docker, systemd) should see it exit rather than hang. Returns (a list
+    that gets the reason, an event to set before stopping the workers on purpose)."""
+    import os
+    import signal
+    import threading
+
+    failed: list[str] = []
+    stopping = threading.Event()
+
+    def watch() -> None:
+        while not stopping.is_set():
+            for role in set(roles):
+                mine = [c for c, r in zip(children, roles, strict=True) if r == role]
+                if all(c.poll() is not None for c in mine) and not stopping.is_set():
+                    codes = ", ".join(str(c.returncode) for c in mine)
+                    failed.append(f"every {role} process exited (exit status {codes})")
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="worker-watch", daemon=True).start()
+    return failed, stopping
 
 
 def _install_uvloop() -> None:
