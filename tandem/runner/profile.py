@@ -75,6 +75,17 @@ def profile_cost_model(
                 for i in range(batch)
             ]
             decode.append((batch, batch * ctx, _time(runner, SchedulerOutput(chunks=chunks))))
+    if len(decode) < 3:  # a small device tier: short contexts that fit (not collinear)
+        decode = []
+        for batch, blocks_each in ((1, 1), (1, 2), (2, 1), (2, 2)):
+            if batch * blocks_each > num_blocks or batch > max_num_seqs:
+                continue
+            ctx = blocks_each * bs
+            chunks = [
+                _chunk(f"d{i}", ctx - 1, 1, list(range(i * blocks_each, (i + 1) * blocks_each)))
+                for i in range(batch)
+            ]
+            decode.append((batch, batch * ctx, _time(runner, SchedulerOutput(chunks=chunks))))
     if len(decode) < 3:
         raise ValueError("KV cache too small to profile decode; pass a cost model file instead")
     return CostModel.fit(prefill, decode)
