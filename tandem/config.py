@@ -259,6 +259,9 @@ class SchedulerConfig:
     mlfq_levels: int = 8
     skip_join: bool = True
     starvation_limit: float = 60.0
+    # After this many recompute preemptions a request is protected from further ones by its
+    # own priority class (anti-livelock; see Scheduler._order_key).
+    max_recompute_evictions: int = 2
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
@@ -274,6 +277,7 @@ class SchedulerConfig:
         )
         _require(0.0 <= self.swap_watermark < 1.0, "swap_watermark must be in [0, 1) (a fraction)")
         _require(self.swap_hysteresis_iters >= 0, "swap_hysteresis_iters must be >= 0")
+        _require(self.max_recompute_evictions >= 0, "max_recompute_evictions must be >= 0")
         _require(self.mlfq_q0 is None or self.mlfq_q0 > 0, "mlfq_q0 must be > 0 seconds")
         _require(self.mlfq_levels >= 1, "mlfq_levels must be >= 1")
         _require(self.starvation_limit > 0, "starvation_limit must be > 0 seconds")

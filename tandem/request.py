@@ -164,6 +164,7 @@ class Request:
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    num_recomputes: int = 0  # preemptions that discarded its KV (recompute, not swap)
     # The token that stopped the request (EOS or a stop token id), if any.
     stop_reason: int | str | None = None
 

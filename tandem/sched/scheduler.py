@@ -191,7 +191,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         live = [*self.running, *self.swapped, *self.waiting]
         self.policy.before_schedule(live, now)
-        order = sorted(live, key=lambda r: self.policy.sort_key(r, now))
+        order = sorted(live, key=lambda r: self._order_key(r, now))
         rank = {r.request_id: i for i, r in enumerate(order)}
         # Resident requests (holding device blocks), lowest priority last: eviction victims.
         resident = [r for r in order if r.status is RequestStatus.RUNNING]
@@ -352,6 +352,22 @@ class Scheduler:
         # cut an unaligned sliver, unless the whole budget is below one block.
         return budget if self.config.max_num_batched_tokens < self.block_size else 0
 
+    def _order_key(self, req: Request, now: float) -> tuple:
+        """The policy's order, except that a request whose KV was discarded
+        ``max_recompute_evictions`` times is protected: it ranks ahead of every unprotected
+        request of its priority class, and protected ones rank by arrival.
+
+        Why: policies that re-rank over time (mlfq demotion and starvation promotion, alise
+        re-estimates) can otherwise livelock under recompute preemption: two requests that
+        do not fit together take turns evicting each other and each loses its work before it
+        finishes (hypothesis found one). With protection every request is evicted by
+        recompute at most that many times by its own class, and the protected set has a
+        fixed order, so its head always runs to completion."""
+        key = self.policy.sort_key(req, now)
+        if req.num_recomputes >= self.config.max_recompute_evictions:
+            return (key[0], 0, (req.arrival_time, req.request_id))
+        return (key[0], 1, key[1:])
+
     def _add_chunk(self, req: Request, n: int, out: SchedulerOutput) -> None:
         self.device_kv.allocate(req.request_id, req.num_computed_tokens + n)
         start = req.num_computed_tokens
@@ -376,6 +392,7 @@ class Scheduler:
             return
         self.device_kv.free(req.request_id)
         req.num_computed_tokens = 0
+        req.num_recomputes += 1
         req.status = RequestStatus.PREEMPTED
         self.waiting.append(req)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tandem.config import CacheConfig, SchedulerConfig
@@ -89,6 +89,10 @@ def _policy(name: str, s_limit: float = 0.5):
     chunked=st.booleans(),
     watermark=st.sampled_from([0.0, 0.05, 0.3]),
 )
+@example(  # a recompute livelock under mlfq's starvation promotion (found by hypothesis)
+    reqs=[(33, 20, 0, 0), (33, 20, 0, 0)], budget=1, max_seqs=1, num_blocks=20,
+    host_blocks=0, chunked=True, watermark=0.0,
+)  # fmt: skip
 def test_random_workloads_finish_without_leaks(
     policy_name, reqs, budget, max_seqs, num_blocks, host_blocks, chunked, watermark
 ):
