@@ -232,6 +232,8 @@ docker kill "$VICTIM" >/dev/null
 log "killed decode container ${VICTIM:0:12} with requests in flight"
 wait $LOAD_PID || { cat "$WORK/under-kill.out"; die "requests in flight when a decode worker died failed"; }
 log "in flight during the kill: $(tail -1 "$WORK/under-kill.out")"
+RERUNS=$(curl -s -m 5 "$URL/metrics" | awk '$1 == "tandem_router_reruns_total" {print $2}')
+log "router: ${RERUNS:-?} requests continued on another worker after theirs died"
 wait_workers 3 60
 log "/health: 3 workers"
 rm -rf "$WORK/results2" && mkdir -p "$WORK/results2"
