@@ -6,6 +6,14 @@ from the environment is visible here and nowhere else.
 - ``TANDEM_CACHE_DIR``: where generated artefacts (the bundled tiny model) live.
   Default: ``$XDG_CACHE_HOME/tandem`` or ``~/.cache/tandem``.
 - ``TANDEM_LOG_LEVEL``: logging level name for services and the CLI. Default ``INFO``.
+- Container settings (``tandem.container``, the Docker images' entrypoint; each becomes a
+  flag of the service, and a flag given on the command line wins): ``TANDEM_MODEL``
+  (--model), ``TANDEM_REGISTRY`` (--registry), ``TANDEM_HOST`` (--host), ``TANDEM_PORT``
+  (--port), ``TANDEM_DEVICE`` (--device), ``TANDEM_DTYPE`` (--dtype),
+  ``TANDEM_ADVERTISE_HOST`` (--advertise-host), ``TANDEM_WORKER_ID`` (--worker-id);
+  ``TANDEM_ARGS`` (more flags, split like a shell); ``TANDEM_HEALTH_MIN_WORKERS`` (the
+  router's healthcheck wants at least this many workers, default 1); ``TANDEM_STATE_FILE``
+  (where the entrypoint leaves the argv for the healthcheck).
 """
 
 from __future__ import annotations
@@ -29,3 +37,8 @@ def cache_dir() -> Path:
 def log_level() -> str:
     """Logging level name, upper case."""
     return os.environ.get("TANDEM_LOG_LEVEL", "INFO").upper()
+
+
+def container_settings() -> dict[str, str]:
+    """Every ``TANDEM_*`` variable, for the container entrypoint and healthcheck."""
+    return {k: v for k, v in os.environ.items() if k.startswith("TANDEM_")}
