@@ -38,6 +38,29 @@ from tests.e2e.servers import serve  # noqa: E402
 CLIENT: list[str] = []  # command prefix that pins a client to --client-cpus
 
 
+def server_means(url: str, before: dict | None = None) -> dict:
+    """The router's TTFT / TPOT sums and counts (seconds); with ``before``, the means (ms)
+    of the requests served since."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    vals = {}
+    for line in lines:
+        for m in ("ttft", "tpot"):
+            for part in ("sum", "count"):
+                if line.startswith(f"tandem_request_{m}_seconds_{part} "):
+                    vals[f"{m}_{part}"] = float(line.split()[1])
+    if before is None:
+        return vals
+    return {
+        m: 1000
+        * (vals[f"{m}_sum"] - before[f"{m}_sum"])
+        / max(vals[f"{m}_count"] - before[f"{m}_count"], 1)
+        for m in ("ttft", "tpot")
+    }
+
+
 def run_loadgen(url, tok, args, out: Path) -> dict:
     subprocess.run(
         [
@@ -71,6 +94,7 @@ def run_loadgen(url, tok, args, out: Path) -> dict:
     )  # input_len - 1 above: the server adds BOS, and aiperf's ISL excludes it too
     r = json.loads((out / "results.json").read_text())
     return {"ttft_p50": r["ttft_ms"]["p50"], "tpot_p50": r["tpot_ms"]["p50"],
+            "ttft_mean": r["ttft_ms"]["mean"], "tpot_mean": r["tpot_ms"]["mean"],
             "completed": r["completed"], "errors": r["errors"]}  # fmt: skip
 
 
@@ -81,11 +105,12 @@ def run_aiperf(url, tok, model, args, out: Path) -> dict:
          "--osl", str(args.output_len), "--extra-inputs", "ignore_eos:true",
          "--use-server-token-count", "--concurrency", str(args.concurrency),
          "--request-count", str(args.num_requests), "--random-seed", "0",
-         "--artifact-dir", str(out), "--ui-type", "none", "--no-auto-plot"],
+         "--artifact-dir", str(out), "--ui-type", "none", "--no-auto-plot", "--no-server-metrics", "--no-gpu-telemetry"],
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     r = json.loads((out / "profile_export_aiperf.json").read_text())
     return {"ttft_p50": r["time_to_first_token"]["p50"], "tpot_p50": r["inter_token_latency"]["p50"],
+            "ttft_mean": r["time_to_first_token"]["avg"], "tpot_mean": r["inter_token_latency"]["avg"],
             "completed": int(r["request_count"]["avg"]),
             "errors": int(r.get("error_request_count", {}).get("avg", 0))}  # fmt: skip
 
@@ -118,15 +143,25 @@ def main() -> None:
         serve(args.model, "--served-model-name", "tiny") as url,
     ):
         for i in range(args.rounds):
-            rows.append(("loadgen", run_loadgen(url, args.model, args, Path(tmp) / f"lg{i}")))
-            rows.append(("aiperf", run_aiperf(url, args.model, "tiny", args, Path(tmp) / f"ap{i}")))
+            for name, run in (("loadgen", run_loadgen), ("aiperf", run_aiperf)):
+                before = server_means(url)
+                extra = ("tiny",) if name == "aiperf" else ()
+                r = run(url, args.model, *extra, args, Path(tmp) / f"{name}{i}")
+                r["server"] = server_means(url, before)
+                rows.append((name, r))
     print(f"workload: random {args.input_len} in / {args.output_len} out, ignore_eos, "
           f"{args.concurrency} in flight, {args.num_requests} requests per run")  # fmt: skip
-    print(f"{'client':<10}{'ok':>5}{'err':>5}{'TTFT p50 ms':>14}{'TPOT p50 ms':>14}")
+    print("client: the client's medians and means; server: the router's own means over the")
+    print("same requests (its /metrics histograms' sum / count), a third, client-free reference.")
+    print(f"{'client':<10}{'ok':>5}{'err':>5}{'TTFT p50':>10}{'TPOT p50':>10}{'TTFT mean':>11}"
+          f"{'server':>8}{'TPOT mean':>11}{'server':>8}   (ms)")  # fmt: skip
     for name, r in rows:
-        print(
-            f"{name:<10}{r['completed']:>5}{r['errors']:>5}{r['ttft_p50']:>14.2f}{r['tpot_p50']:>14.2f}"
-        )
+        sv = r["server"]
+        print(f"{name:<10}{r['completed']:>5}{r['errors']:>5}{r['ttft_p50']:>10.2f}{r['tpot_p50']:>10.2f}"
+              f"{r['ttft_mean']:>11.2f}{sv['ttft']:>8.2f}{r['tpot_mean']:>11.2f}{sv['tpot']:>8.2f}")  # fmt: skip
+    for name in ("loadgen", "aiperf"):
+        over = statistics.mean(r["ttft_mean"] - r["server"]["ttft"] for n, r in rows if n == name)
+        print(f"{name}: mean TTFT minus the server's own: {over:+.2f} ms")
     for key in ("ttft_p50", "tpot_p50"):
         lg = statistics.mean(r[key] for n, r in rows if n == "loadgen")
         ap = statistics.mean(r[key] for n, r in rows if n == "aiperf")

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-input-len", type=int, default=512)
     p.add_argument("--max-output-len", type=int, default=256)
     p.add_argument("--burstiness", type=float, default=1.0)
-    p.add_argument("--slo", default="ttft:2000,tpot:200", help="for goodput and capacity (ms)")
+    p.add_argument("--slo", default="ttft:500,tpot:30", help="for goodput and capacity (ms)")
     p.add_argument("--out", default=None, help="default: bench/results/serving_sweep_SCENARIO")
     p.add_argument("--smoke", action="store_true", help="tiny run for CI (seconds)")
     args = p.parse_args(argv)

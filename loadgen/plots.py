@@ -99,15 +99,17 @@ def plot_sweep(points: Mapping[str, Sequence[tuple[float, dict[str, Any]]]], pat
     panels = (("ttft_ms", 1.0, "TTFT (ms)"), ("tpot_ms", 1.0, "TPOT (ms)"),
               ("e2el_ms", 1e-3, "JCT = E2E latency (s)"))  # fmt: skip
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, scale, label) in zip(axes, panels, strict=True):
-        for name, series in points.items():
+        for i, (name, series) in enumerate(points.items()):
             finite = [(rate, s) for rate, s in series if np.isfinite(rate)]
             if not finite:
                 continue
             rates = [rate for rate, _ in finite]
+            color = colors[i % len(colors)]  # one color per run: mean solid, p99 dashed
             for stat, style in (("mean", "-o"), ("p99", "--s")):
                 ys = [(s[key][stat] or np.nan) * scale for _, s in finite]
-                ax.plot(rates, ys, style, label=f"{name} {stat}")
+                ax.plot(rates, ys, style, color=color, label=f"{name} {stat}")
         ax.set_xlabel("offered load (requests/s)")
         ax.set_ylabel(label)
         ax.set_title(f"{label.split(' (')[0]} against load")
