@@ -146,6 +146,7 @@ def run_mode(mode: str, args, model: str, cost_path: str, reqs) -> dict:
     reserved: dict[str, int] = {}
     queue = list(range(len(reqs)))  # not yet submitted, in arrival order
     step_s = 0.0
+    step_times: dict[bool, list[float]] = {False: [], True: []}  # by "this step copied KV"
     t0 = time.perf_counter()
     while queue or engine.has_unfinished_requests():
         now = time.perf_counter() - t0
@@ -163,9 +164,13 @@ def run_mode(mode: str, args, model: str, cost_path: str, reqs) -> dict:
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, reqs[queue[0]][0] - (time.perf_counter() - t0)))
             continue
+        moved_before = engine.scheduler.swap.out_blocks + engine.scheduler.swap.in_blocks
         s = time.perf_counter()
         outs = engine.step()
-        step_s += time.perf_counter() - s
+        dt = time.perf_counter() - s
+        step_s += dt
+        copied = engine.scheduler.swap.out_blocks + engine.scheduler.swap.in_blocks > moved_before
+        step_times[copied].append(dt)
         for o in outs:
             if o.finished:
                 finish[o.request_id] = time.perf_counter() - t0
@@ -181,6 +186,14 @@ def run_mode(mode: str, args, model: str, cost_path: str, reqs) -> dict:
         "p99_jct_s": jct[min(len(jct) - 1, int(0.99 * len(jct)))],
         "makespan_s": max(finish.values()),
         "decode_loop_s": step_s,
+        "steps": len(step_times[False]) + len(step_times[True]),
+        "steps_with_copies": len(step_times[True]),
+        "mean_step_ms_with_copies": 1000 * statistics.fmean(step_times[True])
+        if step_times[True]
+        else None,
+        "mean_step_ms_without_copies": 1000 * statistics.fmean(step_times[False])
+        if step_times[False]
+        else None,
         "preemptions": sched.num_preemptions,
         "swap": swap,
         "swap_in_wait_share": swap["in_wait_s"] / step_s if step_s else 0.0,
@@ -268,6 +281,10 @@ def main() -> None:
             f"{r['makespan_s']:.3f} | {r['preemptions']} | {s['out_blocks']}/{s['in_blocks']} | "
             f"{s['proactive_outs']}/{s['prefetches']} | {100 * r['swap_in_wait_share']:.2f}% | {gbps} |"
         )
+    for r in rows:
+        w, wo = r["mean_step_ms_with_copies"], r["mean_step_ms_without_copies"]
+        print(f"{r['mode']}: {r['steps']} steps, mean step {wo or 0:.2f} ms without KV copies, "
+              f"{w or 0:.2f} ms in the {r['steps_with_copies']} steps with copies")  # fmt: skip
     if peak:
         print(
             f"pinned-copy peak: host->device {peak['h2d']:.1f} GB/s, device->host {peak['d2h']:.1f} GB/s"
