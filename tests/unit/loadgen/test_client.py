@@ -151,7 +151,7 @@ async def test_run_is_bounded_by_count_and_concurrency(base_url):
 async def test_run_is_bounded_by_duration(base_url):
     target = Target(base_url + "/counted", "m")
     records, duration = await run_load(target, JOBS, rate=20.0, duration_s=0.5, seed=1)
-    assert 3 <= len(records) <= 25 and all(r.start <= 0.5 + 0.05 for r in records)
+    assert 3 <= len(records) <= 25 and all(r.start <= 0.5 + 0.25 for r in records)
 
 
 async def test_interrupt_records_every_request_in_flight(base_url):
