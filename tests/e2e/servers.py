@@ -44,25 +44,27 @@ def wait_healthy(url: str, procs: Sequence[subprocess.Popen], timeout: float = 1
         time.sleep(0.3)
 
 
-def stop(procs: Sequence[subprocess.Popen]) -> None:
+def stop(procs: Sequence[subprocess.Popen], timeout: float = 15.0) -> None:
+    """Terminate, wait up to ``timeout`` seconds each, then kill."""
     for p in procs:
         if p.poll() is None:
             p.terminate()
     for p in procs:
         try:
-            p.wait(timeout=15)
+            p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
 
 
 @contextlib.contextmanager
-def serve(model_dir, *extra: str) -> Iterator[str]:
-    """``tandem serve --model MODEL_DIR EXTRA...`` on a free port; yields its URL."""
+def serve(model_dir, *extra: str, timeout: float = 180.0) -> Iterator[str]:
+    """``tandem serve --model MODEL_DIR EXTRA...`` on a free port; yields its URL once
+    healthy (fails after ``timeout`` seconds, or at once if the server exits)."""
     port = free_port()
     proc = spawn_cli(["serve", "--model", str(model_dir), "--port", str(port), *extra])
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, [proc])
+        wait_healthy(url, [proc], timeout)
         yield url
     finally:
         stop([proc])

@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.servers import free_port
+from tests.e2e.servers import free_port, stop
 
 MAX_TOKENS = 24
 STREAMS = 50
@@ -72,13 +72,7 @@ def stack(tiny_llama_dir):
             time.sleep(0.2)
         yield url, addr
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs, timeout=10)
 
 
 async def _one_stream(session, url: str, i: int) -> tuple[int, int, str | None, bool]:

@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 
 from tandem import LLM, SamplingParams
-from tests.e2e.servers import free_port, health, spawn_cli
+from tests.e2e.servers import free_port, health, spawn_cli, stop
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="redis-server is not installed"
@@ -202,11 +202,4 @@ def test_failover_through_redis_registry(mode, redis_url, tiny_llama_dir):
             )
             assert handoffs > 0, "no request went through a prefill -> decode KV handoff"
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)

@@ -8,11 +8,7 @@ with its full length, and /metrics must show the swaps.
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,15 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tandem.sched.cost_model import CostModel
+from tests.e2e.servers import serve
 
 N_REQUESTS = 32
 MAX_TOKENS = 32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,35 +28,10 @@ def server(tiny_llama_dir, tmp_path_factory):
     # mlfq with a fixed cost model: the device tier is too small to profile one.
     cost = tmp_path_factory.mktemp("offload") / "cost.json"
     CostModel().save(cost)
-    port = _free_port()
-    env = {**os.environ, "TANDEM_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem.cli", "serve", "--model", str(tiny_llama_dir),
-         "--port", str(port), "--block-size", "4", "--kv-blocks", "48",
-         "--host-kv-blocks", "4096", "--max-num-seqs", "8", "--served-model-name", "tiny",
-         "--cost-model", str(cost)],
-        env=env,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except (urllib.error.URLError, ConnectionError, OSError):
-            pass
-        assert proc.poll() is None, "tandem serve exited during start-up"
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("tandem serve did not become healthy in 120 s")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with serve(tiny_llama_dir, "--block-size", "4", "--kv-blocks", "48", "--host-kv-blocks", "4096",
+               "--max-num-seqs", "8", "--served-model-name", "tiny", "--cost-model", str(cost),
+               timeout=120) as url:  # fmt: skip
+        yield url
 
 
 def _complete(url: str, i: int) -> dict:

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,38 +16,14 @@ import urllib.request
 import pytest
 
 from tandem import LLM, SamplingParams
-from tests.e2e.servers import free_port
+from tests.e2e.servers import serve
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
-    port = free_port()
-    env = {**os.environ, "TANDEM_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem.cli", "serve", "--model", str(tiny_llama_dir), "--port", str(port),
-         "--max-num-batched-tokens", "256", "--served-model-name", "tiny"],
-        env=env,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except (urllib.error.URLError, ConnectionError, OSError):
-            pass
-        assert proc.poll() is None, "tandem serve exited during start-up"
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("tandem serve did not become healthy in 120 s")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with serve(tiny_llama_dir, "--max-num-batched-tokens", "256", "--served-model-name", "tiny",
+               timeout=120) as url:  # fmt: skip
+        yield url
 
 
 @pytest.fixture(scope="module")
