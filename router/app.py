@@ -342,13 +342,18 @@ class Router:
             worker.abort(wire)  # the client went away: free the request everywhere
             raise
         finally:
-            if len(worker.clients) > 1:
-                # Prefill + decode: tell both it is over (the decode worker may still hold
-                # an expectation if the request finished on its first token).
-                worker.abort(wire)
-            worker.release(wire)
-            self.admission.wake()
-            self.metrics.requests[outcome] += 1
+            self._end(worker, wire, outcome)
+
+    def _end(self, worker: Route, wire: str, outcome: str) -> None:
+        """A request's stream is over (any outcome): free it at its workers, let the
+        admission queue move, count the outcome."""
+        if len(worker.clients) > 1:
+            # Prefill + decode: tell both it is over (the decode worker may still hold
+            # an expectation if the request finished on its first token).
+            worker.abort(wire)
+        worker.release(wire)
+        self.admission.wake()
+        self.metrics.requests[outcome] += 1
 
     async def _dispatch(self, rid: str, p: ParsedRequest) -> tuple[Route, asyncio.Queue]:
         """Wait in the admission MLFQ for a slot on a decode (or colocated) worker, then
@@ -566,11 +571,7 @@ class Router:
             worker.abort(rid)
             raise
         finally:
-            if len(worker.clients) > 1:
-                worker.abort(rid)
-            worker.release(rid)
-            self.admission.wake()
-            self.metrics.requests[outcome] += 1
+            self._end(worker, rid, outcome)
 
 
 async def _json(request: web.Request) -> Any:
