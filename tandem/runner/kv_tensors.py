@@ -24,10 +24,9 @@ class KVTensors:
         block_size: int,
         dtype: torch.dtype,
         device: str | torch.device,
-        pin_memory: bool = False,
     ) -> None:
         shape = (model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        self.data = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory)
+        self.data = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
 
     @property
