@@ -62,30 +62,24 @@ def profile_cost_model(
                 }
             )
         ]
-    decode = []
-    for batch in (1, 4, 16, 64):
-        if batch > max_num_seqs:
-            break
-        for ctx in (64, 512):
+
+    def decode_points(shapes):
+        """(batch, total context, seconds) for each (batch, ctx) whose blocks fit."""
+        points = []
+        for batch, ctx in shapes:
             per_seq = -(-ctx // bs)
-            if batch * per_seq > num_blocks:
+            if batch > max_num_seqs or batch * per_seq > num_blocks:
                 continue
             chunks = [
                 _chunk(f"d{i}", ctx - 1, 1, list(range(i * per_seq, (i + 1) * per_seq)))
                 for i in range(batch)
             ]
-            decode.append((batch, batch * ctx, _time(runner, SchedulerOutput(chunks=chunks))))
+            points.append((batch, batch * ctx, _time(runner, SchedulerOutput(chunks=chunks))))
+        return points
+
+    decode = decode_points((b, c) for b in (1, 4, 16, 64) for c in (64, 512))
     if len(decode) < 3:  # a small device tier: short contexts that fit (not collinear)
-        decode = []
-        for batch, blocks_each in ((1, 1), (1, 2), (2, 1), (2, 2)):
-            if batch * blocks_each > num_blocks or batch > max_num_seqs:
-                continue
-            ctx = blocks_each * bs
-            chunks = [
-                _chunk(f"d{i}", ctx - 1, 1, list(range(i * blocks_each, (i + 1) * blocks_each)))
-                for i in range(batch)
-            ]
-            decode.append((batch, batch * ctx, _time(runner, SchedulerOutput(chunks=chunks))))
+        decode = decode_points(((1, bs), (1, 2 * bs), (2, bs), (2, 2 * bs)))
     if len(decode) < 3:
         raise ValueError("KV cache too small to profile decode; pass a cost model file instead")
     return CostModel.fit(prefill, decode)
