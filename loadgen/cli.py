@@ -110,9 +110,9 @@ def build_compare_parser(prog: str = "tandem loadgen compare") -> argparse.Argum
 
 
 def _default_tokenizer() -> Path | None:
-    from tandem import env
+    from tandem.tinymodel import default_model_path
 
-    folder = env.cache_dir() / "models" / "tiny-llama-s0"
+    folder = default_model_path()
     return folder if (folder / "tokenizer.json").is_file() else None
 
 
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "tandem loadgen") -> int
     target = Target(
         url, model, args.endpoint, args.temperature, args.ignore_eos, extra, args.timeout
     )
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
     config.update(model=model, tokenizer=str(tok_path), use_trace_timestamps=use_timestamps)
     out = Path(args.out) if args.out else None
     label = args.label or (out.name if out else "run")

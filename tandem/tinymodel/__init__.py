@@ -10,10 +10,22 @@ transformers stable. Importing this package is cheap; torch and transformers loa
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-__all__ = ["ARCHS", "default_model_dir", "make_tiny_model"]
+DEFAULT_ARCH = "llama"
+DEFAULT_SEED = 0
+__all__ = ["ARCHS", "default_model_dir", "default_model_path", "make_tiny_model"]
+
+
+def default_model_path() -> Path:
+    """Where ``default_model_dir()`` keeps the bundled model; nothing is built (no torch),
+    so the folder may not exist yet."""
+    from tandem import env
+
+    return env.cache_dir() / "models" / f"tiny-{DEFAULT_ARCH}-s{DEFAULT_SEED}"
+
 
 if TYPE_CHECKING:
     from tandem.tinymodel.build import default_model_dir, make_tiny_model

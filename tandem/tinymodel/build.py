@@ -44,11 +44,8 @@ from typing import Any
 
 import torch
 
-from tandem.tinymodel import ARCHS
+from tandem.tinymodel import ARCHS, DEFAULT_ARCH, DEFAULT_SEED, default_model_path
 from tandem.tinymodel import tokenizer as tk
-
-DEFAULT_ARCH = "llama"
-DEFAULT_SEED = 0
 
 _COMMON: dict[str, Any] = {
     "vocab_size": tk.VOCAB_SIZE,
@@ -224,9 +221,7 @@ def default_model_dir() -> Path:
     process never sees a half-written folder; when several processes race, one rename wins and
     the others discard their copies. Later calls return the existing folder at once.
     """
-    from tandem import env
-
-    target = env.cache_dir() / "models" / f"tiny-{DEFAULT_ARCH}-s{DEFAULT_SEED}"
+    target = default_model_path()
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
