@@ -1,7 +1,8 @@
 """Moving KV bytes between engines: contracts (``base``) and backends by name.
 
 ``BACKENDS`` maps a name to its sender and receiver classes; ``make_sender`` and
-``make_receiver`` build them. The NCCL backend will plug in behind the same contract.
+``make_receiver`` build them: ``local`` (one process), ``tcp`` (sockets), ``nccl`` (the tcp
+control plane, K/V bytes GPU to GPU over NCCL; CuPy is imported only when one is built).
 Imports torch (payload tensors), never the engine: the engine side is callbacks.
 """
 
@@ -21,8 +22,10 @@ from kvtransfer.base import (
     TransferState,
     TransferTimeout,
 )
+from kvtransfer.comm import CommError, LoopbackComms
 from kvtransfer.inbound import InboundTransfers
 from kvtransfer.local import LocalKVReceiver, LocalKVSender
+from kvtransfer.nccl import NcclKVReceiver, NcclKVSender
 from kvtransfer.tcp import TcpKVReceiver, TcpKVSender
 from kvtransfer.wire import Offer
 from tandem.kvcache.block_pool import NoFreeBlocksError
@@ -36,6 +39,7 @@ class Backend(NamedTuple):
 BACKENDS: dict[str, Backend] = {
     "tcp": Backend(TcpKVSender, TcpKVReceiver),
     "local": Backend(LocalKVSender, LocalKVReceiver),
+    "nccl": Backend(NcclKVSender, NcclKVReceiver),
 }
 
 
@@ -64,12 +68,16 @@ def make_receiver(
 __all__ = [
     "BACKENDS",
     "Backend",
+    "CommError",
     "InboundTransfers",
     "KVBundle",
     "KVReceiver",
     "KVSender",
     "LocalKVReceiver",
     "LocalKVSender",
+    "LoopbackComms",
+    "NcclKVReceiver",
+    "NcclKVSender",
     "NoFreeBlocksError",
     "Offer",
     "ReceiverCallbacks",

@@ -3,13 +3,15 @@
 Wire format of one transfer on a connection (control frames are ``tandem.protocol``
 frames: 4-byte big-endian length + msgpack map with a ``type``)::
 
-    S -> R  frame  {type: kv_offer, request_id, compat_hash, num_blocks, num_tokens,
-                    state_nbytes, payload_nbytes, dtype, shape}
+    S -> R  frame  {type: kv_offer, payload, request_id, compat_hash, num_blocks,
+                    num_tokens, state_nbytes, payload_nbytes, dtype, shape}
     R -> S  frame  {type: kv_accept, request_id, num_blocks}
               or   {type: kv_refuse, request_id, reason, error}        (connection stays usable)
     S -> R  raw    state_nbytes bytes of msgpack state, then payload_nbytes bytes of the
                    tensor in C order (written in ``chunk_bytes`` pieces; the offer's sizes
-                   delimit them, so no per-chunk header is needed)
+                   delimit them, so no per-chunk header is needed): the ``tcp`` payload
+                   leg. Another leg (``kvtransfer.channel``) moves these its own way; the
+                   offer's ``payload`` names the leg and a receiver refuses another one.
     R -> S  frame  {type: kv_done, request_id}
               or   {type: kv_failed, request_id, error}   (commit raised; reservation aborted)
 
@@ -18,14 +20,16 @@ failure (timeout, lapsed lease, broken stream) closes it: a half-sent byte strea
 be resynchronised. The sender keeps idle connections per destination and opens a new one
 when all are busy (at most ``max_connections`` per destination; more transfers wait for
 a slot inside their timeout). A reused connection that turns out dead before the offer was
-answered is replaced once: nothing can have been reserved on it.
+answered is replaced once: nothing can have been reserved on it. Each connection has its own
+payload channel on both ends (``channel=`` factories), opened and closed with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +44,13 @@ from kvtransfer.base import (
     TransferMetrics,
     TransferRefused,
     TransferState,
+)
+from kvtransfer.channel import (
+    PayloadError,
+    ReceiverChannel,
+    SenderChannel,
+    TcpReceiverChannel,
+    TcpSenderChannel,
 )
 from kvtransfer.inbound import InboundTransfers
 from kvtransfer.wire import Offer
@@ -71,10 +82,13 @@ class TcpKVReceiver(KVReceiver):
         port: int = 0,
         lease_s: float = 30.0,
         chunk_bytes: int = wire.CHUNK_BYTES,
+        channel: Callable[[], ReceiverChannel] | None = None,
     ) -> None:
+        """``channel()`` makes the payload leg of each connection (default: bytes on it)."""
         self.metrics = TransferMetrics()
         self._inbound = InboundTransfers(compat_hash, callbacks, lease_s, self.metrics)
         self.host, self.port, self.chunk_bytes = host, port, chunk_bytes
+        self._channel = channel or (lambda: TcpReceiverChannel(chunk_bytes))
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
 
@@ -106,8 +120,9 @@ class TcpKVReceiver(KVReceiver):
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
+        channel = self._channel()
         try:
-            while await self._one(reader, writer):
+            while await self._one(reader, writer, channel):
                 pass
         except _CONN_ERRORS as e:
             log.debug("KV connection from %s ended: %r", writer.get_extra_info("peername"), e)
@@ -116,17 +131,33 @@ class TcpKVReceiver(KVReceiver):
         finally:
             self._conns.discard(task)
             writer.transport.abort()
+            channel.close()
 
-    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Serve one transfer; False when the connection must close."""
+    async def _one(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, channel: ReceiverChannel
+    ) -> bool:
+        """Serve one transfer (or one set-up frame of the channel); False when the
+        connection must close."""
         try:
             msg = await protocol.read_frame(reader)
         except asyncio.IncompleteReadError:
             return False  # the sender closed an idle connection
         if msg["type"] != "kv_offer":
+            if await channel.on_frame(reader, writer, msg):
+                return True
+            why = (
+                f"unexpected {msg['type']!r} frame: this KV receiver takes {channel.name} payloads"
+            )
+            await _answer(writer, {"type": "kv_error", "error": why})
             raise protocol.ProtocolError(f"expected kv_offer, got {msg['type']!r}")
         rid = str(msg.get("request_id", ""))
         try:
+            leg = msg.get("payload", "tcp")
+            if leg != channel.name:
+                raise ValueError(
+                    f"this KV receiver takes {channel.name} payloads, the sender offered {leg} "
+                    "(both ends need the same KV transfer backend)"
+                )
             offer = Offer.from_dict(msg)
             block_ids = await self._inbound.open(offer, on_expire=writer.transport.abort)
         except (ValueError, TransferRefused) as e:
@@ -134,49 +165,34 @@ class TcpKVReceiver(KVReceiver):
             if not isinstance(e, TransferRefused):
                 self.metrics.failed += 1
                 self.metrics.refused += 1
-            writer.write(
-                protocol.encode(
-                    {
-                        "type": "kv_refuse",
-                        "request_id": rid,
-                        "reason": reason.value,
-                        "error": str(e),
-                    }
-                )
-            )
-            await writer.drain()
+            refuse = {"type": "kv_refuse", "reason": reason.value, "error": str(e)}
+            await _answer(writer, {**refuse, "request_id": rid})
             return True
         try:
-            writer.write(
-                protocol.encode(
-                    {"type": "kv_accept", "request_id": rid, "num_blocks": len(block_ids)}
-                )
+            await _answer(
+                writer, {"type": "kv_accept", "request_id": rid, "num_blocks": len(block_ids)}
             )
-            await writer.drain()
-            state_bytes = await reader.readexactly(offer.state_nbytes)
-            buf = bytearray(offer.payload_nbytes)
-            view = memoryview(buf)
-            for start in range(0, len(buf), self.chunk_bytes):
-                piece = await reader.readexactly(min(self.chunk_bytes, len(buf) - start))
-                view[start : start + len(piece)] = piece
+            state_bytes, payload = await channel.receive(reader, offer)
+            state = wire.unpack_state(state_bytes)
+        except (PayloadError, ValueError) as e:  # the control stream is still in sync
+            await self._inbound.drop(rid, str(e))
+            reply = {"type": "kv_failed", "request_id": rid, "error": str(e)}
         except BaseException as e:
             await self._inbound.drop(rid, f"connection lost mid-payload: {e!r}")
             raise
-        try:
-            state = wire.unpack_state(state_bytes)
-            payload = wire.tensor_from_bytes(buf, offer.dtype, offer.shape)
-        except ValueError as e:
-            await self._inbound.drop(rid, str(e))
-            reply = {"type": "kv_failed", "request_id": rid, "error": f"undecodable bytes: {e}"}
         else:
             try:
                 await self._inbound.finish(rid, state, payload)
                 reply = {"type": "kv_done", "request_id": rid}
             except TransferError as e:
                 reply = {"type": "kv_failed", "request_id": rid, "error": str(e)}
-        writer.write(protocol.encode(reply))
-        await writer.drain()
-        return True
+        await _answer(writer, reply)
+        return channel.usable
+
+
+async def _answer(writer: asyncio.StreamWriter, msg: dict) -> None:
+    writer.write(protocol.encode(msg))
+    await writer.drain()
 
 
 # ---- sender --------------------------------------------------------------------------
@@ -186,14 +202,20 @@ class TcpKVReceiver(KVReceiver):
 class _Conn:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    channel: SenderChannel = field(default_factory=TcpSenderChannel)
     reused: bool = False
-    clean: bool = False  # True only between transfers (stream in sync)
+    clean: bool = False  # True only between transfers (stream and channel in sync)
 
     def alive(self) -> bool:
-        return not self.writer.transport.is_closing() and not self.reader.at_eof()
+        return (
+            self.channel.usable
+            and not self.writer.transport.is_closing()
+            and not self.reader.at_eof()
+        )
 
     def close(self) -> None:
         self.writer.transport.abort()
+        self.channel.close()
 
 
 class _StaleConnection(Exception):
@@ -209,12 +231,15 @@ class TcpKVSender(KVSender):
         timeout_s: float = 30.0,
         chunk_bytes: int = wire.CHUNK_BYTES,
         max_connections: int = 8,
+        channel: Callable[[], SenderChannel] | None = None,
     ) -> None:
+        """``channel()`` makes the payload leg of each connection (default: bytes on it)."""
         super().__init__(compat_hash, timeout_s)
         if chunk_bytes < 1 or max_connections < 1:
             raise ValueError("chunk_bytes and max_connections must be >= 1")
         self.chunk_bytes = chunk_bytes
         self.max_connections = max_connections
+        self._channel = channel or (lambda: TcpSenderChannel(chunk_bytes))
         self.connections_opened = 0
         self._idle: dict[str, list[_Conn]] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
@@ -237,16 +262,15 @@ class TcpKVSender(KVSender):
     ) -> None:
         if self._closed:
             raise TransferError(offer.request_id, "sender is closed")
-        data = wire.tensor_to_bytes(payload)
         slots = self._slots.setdefault(dest, asyncio.Semaphore(self.max_connections))
         async with slots:
             try:
                 await self._over(
-                    await self._checkout(dest), dest, offer, state_bytes, data, progress
+                    await self._checkout(dest), dest, offer, state_bytes, payload, progress
                 )
             except _StaleConnection:
                 await self._over(
-                    await self._connect(dest), dest, offer, state_bytes, data, progress
+                    await self._connect(dest), dest, offer, state_bytes, payload, progress
                 )
 
     async def _checkout(self, dest: str) -> _Conn:
@@ -263,7 +287,13 @@ class TcpKVSender(KVSender):
         host, port = _split_address(dest)
         reader, writer = await asyncio.open_connection(host, port)
         self.connections_opened += 1
-        return _Conn(reader, writer)
+        conn = _Conn(reader, writer, self._channel())
+        try:
+            await conn.channel.open(reader, writer)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     async def _over(
         self,
@@ -271,21 +301,18 @@ class TcpKVSender(KVSender):
         dest: str,
         offer: Offer,
         state_bytes: bytes,
-        data: memoryview,
+        payload: torch.Tensor,
         progress: Progress,
     ) -> None:
         """One transfer on ``conn``; it goes back to the idle list only if it ends in sync."""
         conn.clean = False
         try:
             await self._handshake(conn, offer, progress)
-            conn.writer.write(state_bytes)
-            for piece in wire.chunks(data, self.chunk_bytes):
-                conn.writer.write(piece)
-                await conn.writer.drain()
-            await conn.writer.drain()
-            progress.state = TransferState.COMMITTING
-            reply = await self._reply(conn, offer.request_id)
-            conn.clean = True
+            reply = await conn.channel.send(
+                conn.reader, conn.writer, offer, state_bytes, payload, progress
+            )
+            self._check_answer(reply, offer.request_id)
+            conn.clean = conn.channel.usable
             if reply["type"] == "kv_failed":
                 raise TransferError(
                     offer.request_id,
@@ -304,7 +331,8 @@ class TcpKVSender(KVSender):
     async def _handshake(self, conn: _Conn, offer: Offer, progress: Progress) -> None:
         progress.state = TransferState.OFFERED
         try:
-            conn.writer.write(protocol.encode({"type": "kv_offer", **offer.to_dict()}))
+            frame = {"type": "kv_offer", "payload": conn.channel.name, **offer.to_dict()}
+            conn.writer.write(protocol.encode(frame))
             await conn.writer.drain()
             reply = await self._reply(conn, offer.request_id)
         except _CONN_ERRORS as e:
@@ -322,9 +350,12 @@ class TcpKVSender(KVSender):
             raise protocol.ProtocolError(f"expected kv_accept or kv_refuse, got {reply['type']!r}")
         progress.state = TransferState.STREAMING
 
+    @classmethod
+    async def _reply(cls, conn: _Conn, request_id: str) -> dict:
+        return cls._check_answer(await protocol.read_frame(conn.reader), request_id)
+
     @staticmethod
-    async def _reply(conn: _Conn, request_id: str) -> dict:
-        reply = await protocol.read_frame(conn.reader)
+    def _check_answer(reply: dict, request_id: str) -> dict:
         if reply.get("request_id") != request_id:
             raise protocol.ProtocolError(
                 f"answer for {reply.get('request_id')!r} while sending {request_id!r}"

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from kvtransfer import KVBundle, KVReceiver, KVSender, make_receiver, make_sender
+from kvtransfer import KVBundle, KVReceiver, KVSender, LoopbackComms, make_receiver, make_sender
 from tandem.kvcache import KVCacheManager
 
 HASH = "c0ffee00c0ffee00"
@@ -93,6 +93,20 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
+def peer_options(
+    backend: str, receiver: KVReceiver | None = None, comms: LoopbackComms | None = None
+) -> dict[str, Any]:
+    """What one end of ``backend`` needs to reach the other in a test: the local sender its
+    receiver; nccl ends on a CPU shared fake communicators (NCCL's control flow, no GPU)."""
+    if backend == "local" and receiver is not None:
+        return {"peers": [receiver]}
+    if backend == "nccl":
+        if comms is None and receiver is not None:
+            comms = receiver.comms  # type: ignore[attr-defined]
+        return {"comms": comms or LoopbackComms(), "device": "cpu"}
+    return {}
+
+
 @contextlib.asynccontextmanager
 async def pair(
     backend: str,
@@ -103,10 +117,11 @@ async def pair(
     lease_s: float = 10.0,
     **sender_options: Any,
 ) -> AsyncIterator[tuple[KVSender, KVReceiver]]:
-    receiver = make_receiver(backend, receiver_hash, fake, lease_s=lease_s)
+    comms = sender_options.pop("comms", None)
+    receiver_options = peer_options(backend, comms=comms)
+    receiver = make_receiver(backend, receiver_hash, fake, lease_s=lease_s, **receiver_options)
     await receiver.start()
-    if backend == "local":
-        sender_options["peers"] = [receiver]
+    sender_options.update(peer_options(backend, receiver, receiver_options.get("comms")))
     sender = make_sender(backend, sender_hash, timeout_s=timeout_s, **sender_options)
     try:
         yield sender, receiver

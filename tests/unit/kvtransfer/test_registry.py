@@ -12,5 +12,5 @@ def test_registry_builds_each_backend_and_names_the_choices():
     fake = FakeEngineKV()
     assert isinstance(make_sender("local", HASH), LocalKVSender)
     assert isinstance(make_receiver("tcp", HASH, fake, port=0), TcpKVReceiver)
-    with pytest.raises(ValueError, match=r"unknown KV transfer backend 'nccl'.*local.*tcp"):
-        make_sender("nccl", HASH)
+    with pytest.raises(ValueError, match=r"unknown KV transfer backend 'rdma'.*local.*nccl.*tcp"):
+        make_sender("rdma", HASH)
