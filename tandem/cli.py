@@ -139,6 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--decode-workers", type=int, default=0, help="disaggregated: decode worker processes"
     )
+    p.add_argument(
+        "--prefill-device",
+        default=None,
+        help="disaggregated: device(s) of the prefill workers, e.g. cuda:0 or cuda:0,cuda:1 "
+        "(dealt round-robin; default: --device)",
+    )
+    p.add_argument(
+        "--decode-device",
+        default=None,
+        help="disaggregated: device(s) of the decode workers, e.g. cuda:1 (default: --device)",
+    )
+    p.add_argument(
+        "--kv-transfer",
+        default="auto",
+        choices=["auto", "tcp", "nccl"],
+        help="disaggregated: how KV moves from prefill to decode workers; auto = nccl when "
+        "every worker is on a GPU and no GPU has both kinds, else tcp (default: auto)",
+    )
 
     p = sub.add_parser("router", help="the HTTP front end (no torch)")
     p.add_argument("--model", default=None, help="model folder (tokenizer, chat template)")
@@ -179,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--kv-timeout", type=float, default=30.0, help="seconds a KV handoff may take"
             )
+        p.add_argument(
+            "--kv-transfer",
+            default="tcp",
+            choices=["tcp", "nccl"],
+            help="KV handoff backend, the same on prefill and decode workers; nccl needs "
+            "--device cuda[:N] and CuPy (default: tcp)",
+        )
 
     sub.add_parser(
         "loadgen",
@@ -269,6 +294,7 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
     from decode_worker.service import WorkerService
 
+    config = None
     if args.fake_engine:  # no model, no torch: measures the control plane alone
         from decode_worker.fake_engine import FakeEngine, fake_engine_config
 
@@ -280,6 +306,9 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         from tandem.engine.llm_engine import LLMEngine
 
         config = _engine_config(args, parser)
+        if args.kv_transfer == "nccl" and not config.device.startswith("cuda"):
+            parser.error(f"--kv-transfer nccl needs --device cuda[:N], got {config.device!r}")
+        _select_cuda_device(config.device, parser)
         try:
             engine = LLMEngine(config)
         except (ValueError, OSError) as e:
@@ -304,13 +333,19 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     colocated = not prefill and (args.colocated or args.fake_engine)
     if args.fake_engine and prefill:
         parser.error("--fake-engine runs colocated only (it has no KV to hand off)")
+    kv_options = {"device": config.device} if config and args.kv_transfer == "nccl" else {}
 
     async def run() -> None:
         if prefill:
             from kvtransfer import make_sender
             from prefill_worker.service import PrefillWorkerService
 
-            sender = make_sender("tcp", engine.compat_hash, timeout_s=args.kv_timeout)
+            try:
+                sender = make_sender(
+                    args.kv_transfer, engine.compat_hash, timeout_s=args.kv_timeout, **kv_options
+                )
+            except RuntimeError as e:  # nccl without CuPy
+                parser.error(f"--kv-transfer {args.kv_transfer}: {e}")
             service = PrefillWorkerService(engine, kv_sender=sender, **common)
         elif colocated:
             service = WorkerService(engine, role="colocated", **common)
@@ -319,14 +354,18 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             from kvtransfer import make_receiver
 
             def receiver(callbacks):
-                return make_receiver(
-                    "tcp",
-                    engine.compat_hash,
-                    callbacks,
-                    host=args.host,
-                    port=args.kv_port,
-                    lease_s=args.kv_lease,
-                )
+                try:
+                    return make_receiver(
+                        args.kv_transfer,
+                        engine.compat_hash,
+                        callbacks,
+                        host=args.host,
+                        port=args.kv_port,
+                        lease_s=args.kv_lease,
+                        **kv_options,
+                    )
+                except RuntimeError as e:  # nccl without CuPy
+                    parser.error(f"--kv-transfer {args.kv_transfer}: {e}")
 
             service = DecodeWorkerService(engine, kv_receiver_factory=receiver, **common)
         port = await service.start()
@@ -339,6 +378,23 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     _install_uvloop()
     asyncio.run(run())
     return 0
+
+
+def _select_cuda_device(device: str, parser: argparse.ArgumentParser) -> None:
+    """Make ``device`` this process's current CUDA device before anything touches CUDA (so
+    the caching allocator, NCCL and CuPy all start on it, not on GPU 0)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        index = torch.device(device).index or 0
+    except RuntimeError:
+        parser.error(f"--device must be cpu or cuda[:N], got {device!r}")
+    if index >= count:
+        parser.error(f"--device {device}: this machine has {count} CUDA device(s)")
+    torch.cuda.set_device(index)
 
 
 def _router(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -396,6 +452,19 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("--prefill-workers and --decode-workers go together (both >= 1)")
     if args.prefill_workers < 0 or args.decode_workers < 0:
         parser.error("--prefill-workers and --decode-workers must be >= 0")
+    from tandem.placement import plan
+
+    try:
+        placement = plan(
+            args.device,
+            args.prefill_workers,
+            args.decode_workers,
+            args.prefill_device,
+            args.decode_device,
+            args.kv_transfer,
+        )
+    except ValueError as e:
+        parser.error(str(e))
 
     def free_port() -> int:
         with socket.socket() as sock:
@@ -412,15 +481,16 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.swap_int8:
         engine_flags.append("--swap-int8")
     if args.decode_workers:
-        roles = [("prefill-worker", [])] * args.prefill_workers + [
-            ("decode-worker", [])
-        ] * args.decode_workers
+        kv = ["--kv-transfer", placement.kv_transfer]
+        roles = [("prefill-worker", ["--device", d, *kv]) for d in placement.prefill] + [
+            ("decode-worker", ["--device", d, *kv]) for d in placement.decode
+        ]
     else:
-        roles = [("decode-worker", ["--colocated"])]
+        roles = [("decode-worker", ["--colocated", "--device", placement.decode[0]])]
     addresses, children = [], []
     for i, (role, extra) in enumerate(roles):
         port = args.worker_port if (i == 0 and args.worker_port) else free_port()
-        cmd = [sys.executable, "-m", "tandem.cli", role, *extra, "--port", str(port), *engine_flags]
+        cmd = [sys.executable, "-m", "tandem.cli", role, "--port", str(port), *engine_flags, *extra]
         children.append(subprocess.Popen(cmd))
         addresses.append(f"127.0.0.1:{port}")
     failed, stopping = _watch_workers(children, [role for role, _ in roles])

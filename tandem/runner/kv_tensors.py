@@ -61,3 +61,7 @@ class KVTensors:
         async_ok = self.device.type != "cpu"
         moved = payload.to(device=self.device, dtype=self.data.dtype, non_blocking=async_ok)
         self.data.index_copy_(2, idx, moved)
+        if moved.is_cuda:
+            # ``moved`` may live in another stream's memory (a KV receiver's staging buffer on
+            # its NCCL stream): keep the allocator from reusing it before this copy ran.
+            moved.record_stream(torch.cuda.current_stream(moved.device))

@@ -90,9 +90,14 @@ class ModelRunner:
     # Byte half of export/import between engines (handoff, migration).
     # Swaps ahead of need may still be copying device blocks: let them land first.
     def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """A complete copy of the blocks: on CUDA the gather has finished when this returns,
+        so a KV sender may read it on any thread and stream (NCCL on its own stream)."""
         if self.swapper is not None:
             self.swapper.wait_all()
-        return self.kv.gather(block_ids)
+        payload = self.kv.gather(block_ids)
+        if payload.is_cuda:
+            torch.cuda.current_stream(payload.device).synchronize()
+        return payload
 
     def scatter_blocks(self, block_ids: list[int], payload: torch.Tensor) -> None:
         if self.swapper is not None:

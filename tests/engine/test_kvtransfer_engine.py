@@ -1,4 +1,5 @@
-"""Move running requests between two real engines through the tcp KV transfer backend.
+"""Move running requests between two real engines through the tcp KV transfer backend
+(and the nccl backend's control flow, with fake communicators).
 
 The two halves of ``LLMEngine.export_request`` / ``import_request`` are driven through the
 transfer's callbacks: the source exports and gathers, sends, and only on success detaches
@@ -23,6 +24,7 @@ from tandem.engine.llm_engine import LLMEngine
 from tandem.request import Request, RequestStatus, SamplingParams
 from tandem.sched.cost_model import CostModel
 from tests.engine.parity import mixed_prompts
+from tests.unit.kvtransfer.fakes import peer_options
 
 pytestmark = pytest.mark.asyncio
 
@@ -144,14 +146,15 @@ def assert_no_blocks_held(*engines: LLMEngine) -> None:
 
 
 @pytest.mark.parametrize("steps_before_move", [1, 4])  # 1: some are mid-prefill
+@pytest.mark.parametrize("backend", ["tcp", "nccl"])  # nccl: fake communicators on a CPU
 async def test_requests_moved_over_tcp_continue_identically(
-    make_engine, prompts, expected, steps_before_move
+    make_engine, prompts, expected, steps_before_move, backend
 ):
     src, dst = make_engine(), make_engine()
     port = EngineImport(dst)
-    receiver = make_receiver("tcp", dst.compat_hash, port)
+    receiver = make_receiver(backend, dst.compat_hash, port, **peer_options(backend))
     await receiver.start()
-    sender = make_sender("tcp", src.compat_hash)
+    sender = make_sender(backend, src.compat_hash, **peer_options(backend, receiver))
     reqs = [src.add_request(p, sp) for p, sp in zip(prompts, PARAMS, strict=True)]
     for _ in range(steps_before_move):
         src.step()
