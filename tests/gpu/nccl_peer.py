@@ -12,17 +12,25 @@ one line per event, and reads commands on stdin.
 - ``{"cmd": "raw", "uid": HEX, "nbytes": N, "iters": K}``: a plain CuPy NCCL receive loop
   as rank 1 (``raw_p2p``), answered with ``{"raw_s": seconds}``.
 - ``{"cmd": "quit"}`` or end of stdin: close and exit.
+
+``Peer`` / ``peer()`` start one from the other process and read its lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import os
+import queue
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -148,6 +156,71 @@ async def serve(args: argparse.Namespace) -> None:
             )
             emit(raw_s=seconds)
     await receiver.close()
+
+
+# ---- the client side: run a peer from a test or a benchmark -------------------------
+
+
+class Peer:
+    """``tests.gpu.nccl_peer`` on cuda:1, its JSON lines collected by a thread."""
+
+    def __init__(self, *args: str) -> None:
+        cmd = [sys.executable, "-m", "tests.gpu.nccl_peer", "--device", "cuda:1", *args]
+        root = Path(__file__).resolve().parents[2]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+        }
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env
+        )
+        self.lines: queue.Queue[dict] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.address = self.next(lambda m: "ready" in m, timeout=120)["ready"]
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self.lines.put(json.loads(line))
+
+    def next(self, pred, timeout: float = 60.0) -> dict:
+        """The next line that satisfies ``pred`` (lines before it are dropped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                msg = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    raise AssertionError(f"the peer exited ({self.proc.returncode})") from None
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the peer said nothing matching in {timeout}s") from None
+                continue
+            if pred(msg):
+                return msg
+
+    def command(self, **cmd: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.command(cmd="quit")
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@contextlib.contextmanager
+def peer(*args: str) -> Iterator[Peer]:
+    p = Peer(*args)
+    try:
+        yield p
+    finally:
+        p.stop()
 
 
 def main() -> None:

@@ -13,22 +13,16 @@ Skipped unless two CUDA devices and CuPy with NCCL are present. No pytest-asynci
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import queue
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 import torch
 
 from kvtransfer import KVBundle, NcclKVSender, TransferError
 from tests.e2e.servers import serve
-from tests.gpu.nccl_peer import payload
+from tests.gpu.nccl_peer import payload, peer
 
 HASH = "nccl-peer"  # the peer's default compat hash
 
@@ -44,52 +38,6 @@ def _why_skip() -> str | None:
 
 
 pytestmark = pytest.mark.skipif(_why_skip() is not None, reason=str(_why_skip()))
-
-
-class Peer:
-    """``tests.gpu.nccl_peer`` on cuda:1, its JSON lines collected by a thread."""
-
-    def __init__(self, *args: str) -> None:
-        cmd = [sys.executable, "-m", "tests.gpu.nccl_peer", "--device", "cuda:1", *args]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[dict] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.address = self.next(lambda m: "ready" in m, timeout=120)["ready"]
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                self.lines.put(json.loads(line))
-
-    def next(self, pred, timeout: float = 60.0) -> dict:
-        while True:
-            try:
-                msg = self.lines.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"peer said nothing matching in {timeout}s") from None
-            if pred(msg):
-                return msg
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                assert self.proc.stdin is not None
-                self.proc.stdin.write('{"cmd": "quit"}\n')
-                self.proc.stdin.flush()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-@contextlib.contextmanager
-def peer() -> Iterator[Peer]:
-    p = Peer()
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def bundle(rid: str, seed: int, shape: list[int], dtype=torch.bfloat16) -> KVBundle:
