@@ -65,6 +65,20 @@ def resolve_device(device: str) -> str:
     return str(dev)
 
 
+def _poison_comm(channel: Any) -> None:
+    """A channel's communicator is poisoned (a call failed or was cut short): abort it, and
+    the connection closes after the current answer (``usable``)."""
+    channel.usable = False
+    if channel.comm is not None:
+        discard(channel.comm)
+        channel.comm = None
+
+
+def _close_comm(channel: Any) -> None:
+    _poison_comm(channel)
+    channel.worker.stop()
+
+
 class NcclSenderChannel(SenderChannel):
     name = "nccl"
 
@@ -89,7 +103,7 @@ class NcclSenderChannel(SenderChannel):
             self.comm = await joined
         except BaseException:
             self.usable = False
-            joined.cancel()  # a communicator that still comes is aborted
+            _drop(joined)
             raise
 
     async def send(
@@ -108,7 +122,11 @@ class NcclSenderChannel(SenderChannel):
         if offer.payload_nbytes == 0:
             progress.state = TransferState.COMMITTING
             return await protocol.read_frame(reader)
-        op = self.worker.submit(self.comm.send, payload.contiguous())
+        if not payload.is_contiguous():  # gathers are; a copy must finish before NCCL reads it
+            payload = payload.contiguous()
+            if payload.is_cuda:
+                torch.cuda.current_stream(payload.device).synchronize()
+        op = self.worker.submit(self.comm.send, payload)
         op.add_done_callback(lambda f: _committing_if_sent(f, progress))
         answer = asyncio.ensure_future(protocol.read_frame(reader))
         try:
@@ -128,15 +146,16 @@ class NcclSenderChannel(SenderChannel):
             if not op.done():
                 self._poison()  # cancelled (sender timeout) mid-send
 
-    def _poison(self) -> None:
-        self.usable = False
-        if self.comm is not None:
-            discard(self.comm)
-            self.comm = None
+    _poison = _poison_comm
+    close = _close_comm
 
-    def close(self) -> None:
-        self._poison()
-        self.worker.stop()
+
+def _drop(joined: asyncio.Future[Any]) -> None:
+    """Give up on a communicator set-up: abort its communicator, now or when it comes."""
+    if not joined.done():
+        joined.cancel()  # the worker's orphan hook aborts a communicator that still comes
+    elif not joined.cancelled() and joined.exception() is None:
+        discard(joined.result())
 
 
 async def _cancelled(task: asyncio.Future[Any]) -> None:
@@ -172,6 +191,7 @@ class NcclReceiverChannel(ReceiverChannel):
             self.comm = await asyncio.wait_for(joined, self.init_timeout_s)
         except Exception as e:
             self.usable = False
+            _drop(joined)
             why = "timed out" if isinstance(e, asyncio.TimeoutError) else repr(e)
             log.warning("NCCL communicator set-up with a KV sender failed: %s", why)
             writer.write(protocol.encode({"type": "kv_comm_failed", "error": why}))
@@ -207,15 +227,8 @@ class NcclReceiverChannel(ReceiverChannel):
             if not op.done():
                 self._poison()
 
-    def _poison(self) -> None:
-        self.usable = False
-        if self.comm is not None:
-            discard(self.comm)
-            self.comm = None
-
-    def close(self) -> None:
-        self._poison()
-        self.worker.stop()
+    _poison = _poison_comm
+    close = _close_comm
 
 
 def _recv(comm: Comm, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
