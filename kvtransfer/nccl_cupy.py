@@ -29,9 +29,10 @@ ASYNC_CHECK_S = 0.5  # how often a waiting poll asks NCCL for asynchronous error
 SPIN_POLLS = 2000  # polls that only yield the GIL before the poll starts sleeping
 
 
-def _load_nccl() -> Any:
+def load_cupy() -> tuple[Any, Any]:
+    """(``cupy.cuda.nccl``, ``cupy.cuda.Device``); ``RuntimeError`` saying what to install."""
     try:
-        from cupy.cuda import nccl
+        from cupy.cuda import Device, nccl
     except ImportError as e:
         raise RuntimeError(
             "the nccl KV transfer backend needs CuPy with NCCL (pip install cupy-cuda13x, or "
@@ -39,7 +40,7 @@ def _load_nccl() -> Any:
         ) from e
     if not getattr(nccl, "available", True):
         raise RuntimeError("CuPy is installed but could not load the NCCL library")
-    return nccl
+    return nccl, Device
 
 
 def uid_to_bytes(uid: Any) -> bytes:
@@ -49,7 +50,8 @@ def uid_to_bytes(uid: Any) -> bytes:
     return bytes(int(b) & 0xFF for b in uid)
 
 
-def _uid_for_cupy(nccl: Any, uid: bytes, rank: int) -> Any:
+def new_communicator(nccl: Any, uid: bytes, rank: int) -> Any:
+    """A 2-rank ``NcclCommunicator`` on the current device (blocks until the peer joins)."""
     try:
         return nccl.NcclCommunicator(2, uid, rank)
     except TypeError:  # CuPy < 14 takes the id as a tuple of signed chars
@@ -66,7 +68,7 @@ def _cuda_index(device: str) -> int:
 
 class CupyComms(CommFactory):
     def __init__(self) -> None:
-        self.nccl = _load_nccl()
+        self.nccl, self.cupy_device = load_cupy()
 
     def unique_id(self) -> bytes:
         return uid_to_bytes(self.nccl.get_unique_id())
@@ -74,19 +76,21 @@ class CupyComms(CommFactory):
     def connect(self, uid: bytes, rank: int, device: str) -> CupyComm:
         index = _cuda_index(device)
         try:
-            with torch.cuda.device(index):  # NCCL binds the communicator to the current device
-                comm = _uid_for_cupy(self.nccl, bytes(uid), rank)
+            # NCCL binds the communicator to the calling thread's current device.
+            with torch.cuda.device(index), self.cupy_device(index):
+                comm = new_communicator(self.nccl, bytes(uid), rank)
                 stream = torch.cuda.Stream(device=index)
         except Exception as e:
             raise CommError(f"NCCL communicator set-up failed on cuda:{index}: {e}") from e
-        return CupyComm(self.nccl, comm, stream, rank, index)
+        return CupyComm(self, comm, stream, rank, index)
 
 
 class CupyComm(Comm):
     def __init__(
-        self, nccl: Any, comm: Any, stream: torch.cuda.Stream, rank: int, index: int
+        self, cupy: CupyComms, comm: Any, stream: torch.cuda.Stream, rank: int, index: int
     ) -> None:
-        self.nccl, self.comm, self.stream = nccl, comm, stream
+        self.nccl, self.cupy_device = cupy.nccl, cupy.cupy_device
+        self.comm, self.stream = comm, stream
         self.rank, self.index = rank, index
         self.peer = 1 - rank
         self._aborted = False
@@ -118,7 +122,7 @@ class CupyComm(Comm):
         nbytes = tensor.numel() * tensor.element_size()
         self._held.append(tensor)
         try:
-            with torch.cuda.device(self.index):
+            with torch.cuda.device(self.index), self.cupy_device(self.index):
                 op(
                     tensor.data_ptr(),
                     nbytes,

@@ -53,12 +53,12 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def raw_p2p(uid: bytes, rank: int, device: str, nbytes: int, iters: int, warmup: int = 3) -> float:
     """Seconds for ``iters`` NCCL sends (rank 0) or receives (rank 1) of ``nbytes`` on a
     fresh communicator and stream, timed with CUDA events after ``warmup`` rounds."""
-    from kvtransfer.nccl_cupy import _load_nccl, _uid_for_cupy
+    from kvtransfer.nccl_cupy import load_cupy, new_communicator
 
-    nccl = _load_nccl()
+    nccl, cupy_device = load_cupy()
     index = torch.device(device).index or 0
-    with torch.cuda.device(index):
-        comm = _uid_for_cupy(nccl, uid, rank)
+    with torch.cuda.device(index), cupy_device(index):
+        comm = new_communicator(nccl, uid, rank)
         stream = torch.cuda.Stream(device=index)
         buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
         op = comm.send if rank == 0 else comm.recv
