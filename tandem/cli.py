@@ -21,7 +21,10 @@ from collections.abc import Sequence
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", default=None, help="Hugging Face model folder (default: the bundled tiny model)"
+        "--model",
+        default=None,
+        help="Hugging Face model folder, or random:NAME for a well-known architecture with "
+        "random weights (e.g. random:llama-3-8b; benchmarks) (default: the bundled tiny model)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -66,6 +69,19 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cost-model", default=None, help="cost model JSON (default: profile at start-up)"
     )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="on CUDA without --kv-blocks: fraction of GPU memory for weights + KV (default: 0.9)",
+    )
+    p.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="attention kernels: auto = triton on CUDA, torch reference on CPU (default: auto)",
+    )
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode batches")
 
 
 def _add_http_args(p: argparse.ArgumentParser) -> None:
@@ -106,7 +122,7 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
 _ENGINE_FLAGS = (
     "model", "device", "dtype", "seed", "block_size", "kv_blocks", "host_kv_blocks", "host_kv_gib",
     "swap_watermark", "max_num_seqs", "max_num_batched_tokens", "policy", "max_model_len",
-    "cost_model",
+    "cost_model", "gpu_memory_utilization", "attention_backend",
 )  # fmt: skip
 
 
@@ -238,9 +254,16 @@ def _profile_cost_model(args: argparse.Namespace, parser: argparse.ArgumentParse
     return 0
 
 
-def _engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+def _engine_config(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, size_gpu_kv: bool = True
+):
+    """The engine config from the flags. ``size_gpu_kv=False`` (a parent that only
+    validates and spawns workers): no CUDA probe; each worker sizes its own KV tier."""
     from tandem.engine.llm import build_engine_config
 
+    kv_blocks = args.kv_blocks
+    if kv_blocks is None and not size_gpu_kv and args.device.startswith("cuda"):
+        kv_blocks = 16  # placeholder, never used: the workers get --kv-blocks only if given
     try:
         return build_engine_config(
             model=args.model,
@@ -248,7 +271,7 @@ def _engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
             dtype=args.dtype,
             seed=args.seed,
             block_size=args.block_size,
-            kv_blocks=args.kv_blocks,
+            kv_blocks=kv_blocks,
             host_kv_blocks=args.host_kv_blocks,
             host_kv_gib=args.host_kv_gib,
             swap_watermark=args.swap_watermark,
@@ -259,6 +282,9 @@ def _engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
             policy=args.policy,
             max_model_len=args.max_model_len,
             cost_model=args.cost_model,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            attention=args.attention_backend,
+            cuda_graphs=not args.enforce_eager,
         )
     except (ValueError, OSError) as e:
         parser.error(str(e))
@@ -349,6 +375,12 @@ def _router(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from tandem.tinymodel import default_model_dir
 
         model = str(default_model_dir())
+    from tandem.random_model import resolve_model
+
+    try:
+        model = resolve_model(model)
+    except ValueError as e:
+        parser.error(f"--model: {e}")
     _run_router(model, args.worker, args, parser)
     return 0
 
@@ -391,7 +423,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import socket
     import subprocess
 
-    config = _engine_config(args, parser)  # validates flags and resolves the default model
+    # Validates flags and resolves the default (or random:NAME) model folder.
+    config = _engine_config(args, parser, size_gpu_kv=False)
     if (args.prefill_workers > 0) != (args.decode_workers > 0):
         parser.error("--prefill-workers and --decode-workers go together (both >= 1)")
     if args.prefill_workers < 0 or args.decode_workers < 0:
@@ -411,6 +444,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         engine_flags.append("--no-chunked-prefill")
     if args.swap_int8:
         engine_flags.append("--swap-int8")
+    if args.enforce_eager:
+        engine_flags.append("--enforce-eager")
     if args.decode_workers:
         roles = [("prefill-worker", [])] * args.prefill_workers + [
             ("decode-worker", [])

@@ -1,0 +1,179 @@
+"""Paged decode attention in Triton: one query token per sequence, GQA, split-K.
+
+Grid ``(num_decode_seqs, num_kv_heads, num_splits)``. A program owns one sequence, one KV
+head and one *partition* of ``partition`` consecutive context positions; it loads the
+``group`` query heads that share the KV head (padded to 16 rows for ``tl.dot``), walks its
+partition in tiles of ``BLOCK_N`` tokens through the block table, and keeps an online
+softmax. With one split it writes the normalised output; with more it writes the
+unnormalised partial (acc, max, sum) and ``_reduce_kernel`` merges the partials of the
+``cdiv(seq_len, partition)`` splits that had work. A program whose partition starts past
+the sequence returns at once, so the grid can be sized for the longest context the batch
+may reach (CUDA graphs) at almost no cost. ``seq_len == 0`` (a padding row) writes zeros.
+
+Invariants: every position ``< seq_len`` is attended exactly once (within the sliding
+window when set); the query sits at position ``seq_len - 1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+BLOCK_N = 64
+
+
+@triton.jit
+def _decode_kernel(
+    Q, KC, VC, TABLES, SEQ_LENS, QSTART, SEQ_IDX, OUT, PART_ACC, PART_ML,
+    scale_log2, window,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    s = tl.load(SEQ_IDX + i).to(tl.int64)
+    seq_len = tl.load(SEQ_LENS + s)
+    qrow = tl.load(QSTART + s).to(tl.int64)
+    start = split * PARTITION
+    heads = kvh * GROUP + tl.arange(0, GROUP_PAD)
+    hmask = tl.arange(0, GROUP_PAD) < GROUP
+    d = tl.arange(0, D)
+    if NUM_SPLITS == 1 and seq_len == 0:
+        zero = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
+        optr = OUT + qrow * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        tl.store(optr, zero.to(OUT.dtype.element_ty), mask=hmask[:, None])
+    if start < seq_len:
+        end = tl.minimum(start + PARTITION, seq_len)
+        lo = start
+        if HAS_WINDOW:
+            lo = tl.maximum(start, ((seq_len - window) // BLOCK_N) * BLOCK_N)
+        q = tl.load(
+            Q + qrow * stride_qt + heads[:, None] * stride_qh + d[None, :],
+            mask=hmask[:, None], other=0.0,
+        )  # fmt: skip
+        m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        l_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
+        table = TABLES + s * stride_bt
+        for t0 in range(lo, end, BLOCK_N):
+            toks = t0 + tl.arange(0, BLOCK_N)
+            valid = toks < end
+            if HAS_WINDOW:
+                valid = valid & (toks > seq_len - 1 - window)
+            page = tl.load(table + toks // PAGE, mask=valid, other=0).to(tl.int64)
+            off = page * stride_kb + (toks % PAGE) * stride_ks + kvh * stride_kh
+            k = tl.load(KC + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = tl.where(valid[None, :], qk * scale_log2, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, 1))
+            # A fully masked tile keeps m_new = -inf; shift by 0 then (exp2(-inf) = 0).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(qk - m_safe[:, None])
+            alpha = tl.exp2(m - m_safe)
+            v = tl.load(VC + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            l_sum = l_sum * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        if NUM_SPLITS == 1:
+            out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+            optr = OUT + qrow * stride_ot + heads[:, None] * stride_oh + d[None, :]
+            tl.store(optr, out.to(OUT.dtype.element_ty), mask=hmask[:, None])
+        else:
+            # partials: acc [S, Hq, NUM_SPLITS, D], (m, l) [S, Hq, NUM_SPLITS, 2]
+            row = (s * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+            tl.store(PART_ACC + row[:, None] * D + d[None, :], acc, mask=hmask[:, None])
+            tl.store(PART_ML + row * 2, m, mask=hmask)
+            tl.store(PART_ML + row * 2 + 1, l_sum, mask=hmask)
+
+
+@triton.jit
+def _reduce_kernel(
+    PART_ACC, PART_ML, SEQ_LENS, QSTART, SEQ_IDX, OUT, stride_ot, stride_oh, NUM_HEADS,
+    D: tl.constexpr, PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.load(SEQ_IDX + i).to(tl.int64)
+    seq_len = tl.load(SEQ_LENS + s)
+    used = tl.cdiv(seq_len, PARTITION)
+    sp = tl.arange(0, SPLITS_PAD)
+    smask = sp < used
+    row = (s * NUM_HEADS + h) * NUM_SPLITS + sp
+    m = tl.load(PART_ML + row * 2, mask=smask, other=float("-inf"))
+    l_sum = tl.load(PART_ML + row * 2 + 1, mask=smask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(smask, tl.exp2(m - m_max), 0.0)
+    d = tl.arange(0, D)
+    acc = tl.load(PART_ACC + row[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+    total = tl.sum(l_sum * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    qrow = tl.load(QSTART + s).to(tl.int64)
+    tl.store(OUT + qrow * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty))
+
+
+def choose_partition(max_seq_len: int, num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+    """Tokens per split: enough programs to fill the GPU (~4 per SM), at least one tile,
+    at most 2048 (a longer partition gains nothing and serialises more)."""
+    want_programs = 4 * num_sms
+    per = triton.cdiv(max(max_seq_len, 1) * num_seqs * num_kv_heads, want_programs)
+    return max(BLOCK_N, min(2048, triton.next_power_of_2(per)))
+
+
+def paged_decode(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, page, Hkv, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [S, max_blocks] int
+    seq_lens: torch.Tensor,  # [S] int32, context incl. the new token
+    query_start: torch.Tensor,  # [S+1] int32: row of q holding sequence s's query
+    seq_idx: torch.Tensor,  # [n] int32: which sequences (rows of q) to run
+    out: torch.Tensor,  # [T, Hq, D]; row s written for each s in seq_idx
+    scale: float,
+    partition: int,
+    num_splits: int,
+    sliding_window: int | None = None,
+) -> None:
+    """Attend the one query of each sequence in ``seq_idx``; writes its rows of ``out``."""
+    n = seq_idx.shape[0]
+    if n == 0:
+        return
+    _, page, num_kv_heads, head_dim = k_cache.shape
+    num_heads = q.shape[1]
+    group = num_heads // num_kv_heads
+    ieee = q.dtype == torch.float32
+    part_acc = part_ml = out  # unused with one split
+    if num_splits > 1:
+        S = seq_lens.shape[0]
+        part_acc = torch.empty(
+            (S, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
+        )
+        part_ml = torch.empty((S, num_heads, num_splits, 2), dtype=torch.float32, device=q.device)
+    _decode_kernel[(n, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start, seq_idx, out, part_acc, part_ml,
+        scale * LOG2E, sliding_window or 0,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, PAGE=page,
+        BLOCK_N=BLOCK_N, PARTITION=partition, NUM_SPLITS=num_splits,
+        HAS_WINDOW=sliding_window is not None, IEEE=ieee, num_warps=4, num_stages=2,
+    )  # fmt: skip
+    if num_splits > 1:
+        _reduce_kernel[(n, num_heads)](
+            part_acc, part_ml, seq_lens, query_start, seq_idx, out, out.stride(0), out.stride(1), num_heads,
+            D=head_dim, PARTITION=partition, NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+        )  # fmt: skip
