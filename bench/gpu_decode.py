@@ -19,6 +19,7 @@ stays comparable.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -63,6 +64,69 @@ def layers_that_fit(cfg, batch: int, context: int, free_bytes: int) -> int:
     raise SystemExit(f"batch {batch} x context {context} does not fit even with 4 layers")
 
 
+def attention_sweep(cfg, points: list[tuple[int, int]]) -> list[dict]:
+    """The decode attention kernel alone, per (BLOCK_N, warps, stages): GB/s of K/V read."""
+    from tandem.attention.triton_backend import num_sms
+    from tandem.attention.triton_decode import choose_partition, paged_decode
+
+    out = []
+    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    for b, c in points:
+        nb = -(-c // 16)
+        cache = torch.randn(2, b * nb, 16, hkv, d, dtype=torch.bfloat16, device="cuda")
+        q = torch.randn(b, hq, d, dtype=torch.bfloat16, device="cuda")
+        o = torch.empty_like(q)
+        tables = torch.arange(b * nb, device="cuda").view(b, nb)
+        lens = torch.full((b,), c, dtype=torch.int32, device="cuda")
+        qs = torch.arange(b + 1, dtype=torch.int32, device="cuda")
+        kv_bytes = 2 * b * c * hkv * d * 2
+        for max_len in (c, 4096):
+            part = choose_partition(max_len, b, hkv, num_sms(q.device))
+            splits = -(-max_len // part)
+            for bn in (32, 64, 128):
+                for warps in (2, 4, 8):
+                    for stages in (1, 2, 3):
+                        run = functools.partial(
+                            paged_decode, q, cache[0], cache[1], tables, lens, qs, qs[:b], o,
+                            0.1, part, splits, None, bn, warps, stages,
+                        )  # fmt: skip
+                        try:
+                            run()
+                            ms = g._events_ms(run, 20)
+                        except Exception as e:  # resources exceeded for a config
+                            print(
+                                f"  B={b} ctx={c} bn={bn} w={warps} s={stages}: {type(e).__name__}"
+                            )
+                            continue
+                        out.append(dict(batch=b, context=c, grid_len=max_len, partition=part,
+                                        block_n=bn, warps=warps, stages=stages, ms=ms,
+                                        GBps=kv_bytes / ms / 1e6))  # fmt: skip
+        best = sorted(
+            (r for r in out if r["batch"] == b and r["context"] == c), key=lambda r: r["ms"]
+        )[:5]
+        for r in best:
+            print(f"  attn B={b} ctx={c} grid_len={r['grid_len']} part={r['partition']} bn={r['block_n']} "
+                  f"w={r['warps']} s={r['stages']}: {r['ms'] * 1e3:.0f} us {r['GBps']:.0f} GB/s")  # fmt: skip
+    return out
+
+
+def profile_point(runner, b: int, c: int) -> None:
+    """Eager-mode kernel time per step, by kernel name (top 15)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sched = decode_batch(b, c)
+    for _ in range(3):
+        runner.execute(sched)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            runner.execute(sched)
+        torch.cuda.synchronize()
+    print(f"--- profile B={b} ctx={c} (per step, device time)")
+    rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:15]
+    for e in rows:
+        print(f"  {e.device_time_total / 5 / 1e3:8.3f} ms  x{e.count // 5:4d}  {e.key[:90]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -74,7 +138,23 @@ def main() -> None:
     ap.add_argument(
         "--torch-attention", action="store_true", help="also time the torch reference attention"
     )
+    ap.add_argument(
+        "--sweep-attention", action="store_true", help="time decode attention configs alone"
+    )
+    ap.add_argument("--profile", default=None, help="B,CTX: eager kernel profile of one point")
     args = ap.parse_args()
+    if args.sweep_attention:
+        _, cfg = g.model_config(args.model)
+        rows = attention_sweep(cfg, [(1, 4096), (32, 1024), (256, 1024), (64, 4096)])
+        g.write_result("gpu_decode_attention_sweep", dict(points=rows))
+    if args.profile:
+        b, c = (int(x) for x in args.profile.split(","))
+        runner, _ = g.make_runner(args.model, None, b * -(-c // 16), b, c, cuda_graphs=False)
+        profile_point(runner, b, c)
+        del runner
+        torch.cuda.empty_cache()
+    if args.sweep_attention or args.profile:
+        return
     batches = [int(x) for x in args.batches.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
 

@@ -30,8 +30,8 @@ def _decode_kernel(
     scale_log2, window,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
     stride_ot, stride_oh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     i = tl.program_id(0)
@@ -43,11 +43,13 @@ def _decode_kernel(
     start = split * PARTITION
     heads = kvh * GROUP + tl.arange(0, GROUP_PAD)
     hmask = tl.arange(0, GROUP_PAD) < GROUP
-    d = tl.arange(0, D)
+    d = tl.arange(0, D_PAD)
+    dmask = d < D
+    hd = hmask[:, None] & dmask[None, :]
     if NUM_SPLITS == 1 and seq_len == 0:
-        zero = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
+        zero = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
         optr = OUT + qrow * stride_ot + heads[:, None] * stride_oh + d[None, :]
-        tl.store(optr, zero.to(OUT.dtype.element_ty), mask=hmask[:, None])
+        tl.store(optr, zero.to(OUT.dtype.element_ty), mask=hd)
     if start < seq_len:
         end = tl.minimum(start + PARTITION, seq_len)
         lo = start
@@ -59,7 +61,7 @@ def _decode_kernel(
         )  # fmt: skip
         m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
         l_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
-        acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
         table = TABLES + s * stride_bt
         for t0 in range(lo, end, BLOCK_N):
             toks = t0 + tl.arange(0, BLOCK_N)
@@ -68,7 +70,9 @@ def _decode_kernel(
                 valid = valid & (toks > seq_len - 1 - window)
             page = tl.load(table + toks // PAGE, mask=valid, other=0).to(tl.int64)
             off = page * stride_kb + (toks % PAGE) * stride_ks + kvh * stride_kh
-            k = tl.load(KC + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            k = tl.load(
+                KC + off[:, None] + d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0
+            )
             if IEEE:
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -79,7 +83,9 @@ def _decode_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(qk - m_safe[:, None])
             alpha = tl.exp2(m - m_safe)
-            v = tl.load(VC + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(
+                VC + off[:, None] + d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0
+            )
             l_sum = l_sum * alpha + tl.sum(p, 1)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -89,11 +95,11 @@ def _decode_kernel(
         if NUM_SPLITS == 1:
             out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
             optr = OUT + qrow * stride_ot + heads[:, None] * stride_oh + d[None, :]
-            tl.store(optr, out.to(OUT.dtype.element_ty), mask=hmask[:, None])
+            tl.store(optr, out.to(OUT.dtype.element_ty), mask=hd)
         else:
             # partials: acc [S, Hq, NUM_SPLITS, D], (m, l) [S, Hq, NUM_SPLITS, 2]
             row = (s * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split
-            tl.store(PART_ACC + row[:, None] * D + d[None, :], acc, mask=hmask[:, None])
+            tl.store(PART_ACC + row[:, None] * D + d[None, :], acc, mask=hd)
             tl.store(PART_ML + row * 2, m, mask=hmask)
             tl.store(PART_ML + row * 2 + 1, l_sum, mask=hmask)
 
@@ -101,7 +107,7 @@ def _decode_kernel(
 @triton.jit
 def _reduce_kernel(
     PART_ACC, PART_ML, SEQ_LENS, QSTART, SEQ_IDX, OUT, stride_ot, stride_oh, NUM_HEADS,
-    D: tl.constexpr, PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):  # fmt: skip
     i = tl.program_id(0)
@@ -117,12 +123,15 @@ def _reduce_kernel(
     m_max = tl.max(m, 0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.where(smask, tl.exp2(m - m_max), 0.0)
-    d = tl.arange(0, D)
-    acc = tl.load(PART_ACC + row[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+    d = tl.arange(0, D_PAD)
+    dmask = d < D
+    acc = tl.load(
+        PART_ACC + row[:, None] * D + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0
+    )
     total = tl.sum(l_sum * w, 0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     qrow = tl.load(QSTART + s).to(tl.int64)
-    tl.store(OUT + qrow * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty))
+    tl.store(OUT + qrow * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=dmask)
 
 
 def choose_partition(max_seq_len: int, num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
@@ -146,6 +155,9 @@ def paged_decode(
     partition: int,
     num_splits: int,
     sliding_window: int | None = None,
+    block_n: int = BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> None:
     """Attend the one query of each sequence in ``seq_idx``; writes its rows of ``out``."""
     n = seq_idx.shape[0]
@@ -167,13 +179,16 @@ def paged_decode(
         scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, PAGE=page,
-        BLOCK_N=BLOCK_N, PARTITION=partition, NUM_SPLITS=num_splits,
-        HAS_WINDOW=sliding_window is not None, IEEE=ieee, num_warps=4, num_stages=2,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=head_dim,
+        D_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
+        BLOCK_N=block_n, PARTITION=partition, NUM_SPLITS=num_splits,
+        HAS_WINDOW=sliding_window is not None, IEEE=ieee, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _reduce_kernel[(n, num_heads)](
             part_acc, part_ml, seq_lens, query_start, seq_idx, out, out.stride(0), out.stride(1), num_heads,
-            D=head_dim, PARTITION=partition, NUM_SPLITS=num_splits,
+            D=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), PARTITION=partition,
+            NUM_SPLITS=num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
         )  # fmt: skip

@@ -23,15 +23,16 @@ from tandem.attention.triton_decode import LOG2E
 def _tile(
     q, acc, m, l_sum, KC, VC, table, t0, qpos, hi, window, kvh,
     stride_kb, stride_ks, stride_kh, scale_log2,
-    D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    d = tl.arange(0, D)
+    d = tl.arange(0, D_PAD)
+    dmask = d < D
     toks = t0 + tl.arange(0, BLOCK_N)
     tvalid = toks < hi
     page = tl.load(table + toks // PAGE, mask=tvalid, other=0).to(tl.int64)
     off = page * stride_kb + (toks % PAGE) * stride_ks + kvh * stride_kh
-    k = tl.load(KC + off[:, None] + d[None, :], mask=tvalid[:, None], other=0.0)
+    k = tl.load(KC + off[:, None] + d[None, :], mask=tvalid[:, None] & dmask[None, :], other=0.0)
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -46,7 +47,7 @@ def _tile(
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(qk - m_safe[:, None])
     alpha = tl.exp2(m - m_safe)
-    v = tl.load(VC + off[:, None] + d[None, :], mask=tvalid[:, None], other=0.0)
+    v = tl.load(VC + off[:, None] + d[None, :], mask=tvalid[:, None] & dmask[None, :], other=0.0)
     l_sum = l_sum * alpha + tl.sum(p, 1)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -60,7 +61,7 @@ def _prefill_kernel(
     Q, KC, VC, TABLES, SEQ_LENS, QSTART, SEQ_IDX, OUT,
     scale_log2, window,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
-    GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -75,17 +76,18 @@ def _prefill_kernel(
         rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < q_len
         qpos = prefix + rows
-        d = tl.arange(0, D)
+        d = tl.arange(0, D_PAD)
+        rd = rmask[:, None] & (d < D)[None, :]
         qrows = (q_start + rows).to(tl.int64)
         q = tl.load(
             Q + qrows[:, None] * stride_qt + h * stride_qh + d[None, :],
-            mask=rmask[:, None], other=0.0,
+            mask=rd, other=0.0,
         )  # fmt: skip
         kvh = h // GROUP
         table = TABLES + s * stride_bt
         m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
         first_q = prefix + mt * BLOCK_M
         hi = tl.minimum(seq_len, first_q + BLOCK_M)  # keys past the last row's position: none
         if HAS_WINDOW:
@@ -98,18 +100,18 @@ def _prefill_kernel(
             acc, m, l_sum = _tile(
                 q, acc, m, l_sum, KC, VC, table, t0, qpos, hi, window, kvh,
                 stride_kb, stride_ks, stride_kh, scale_log2,
-                D, PAGE, BLOCK_N, False, HAS_WINDOW, IEEE,
+                D, D_PAD, PAGE, BLOCK_N, False, HAS_WINDOW, IEEE,
             )  # fmt: skip
         for t0 in range(full_end, hi, BLOCK_N):
             acc, m, l_sum = _tile(
                 q, acc, m, l_sum, KC, VC, table, t0, qpos, hi, window, kvh,
                 stride_kb, stride_ks, stride_kh, scale_log2,
-                D, PAGE, BLOCK_N, True, HAS_WINDOW, IEEE,
+                D, D_PAD, PAGE, BLOCK_N, True, HAS_WINDOW, IEEE,
             )  # fmt: skip
         out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
         tl.store(
             OUT + qrows[:, None] * stride_ot + h * stride_oh + d[None, :],
-            out.to(OUT.dtype.element_ty), mask=rmask[:, None],
+            out.to(OUT.dtype.element_ty), mask=rd,
         )  # fmt: skip
 
 
@@ -139,7 +141,8 @@ def paged_prefill(
         scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=num_heads // num_kv_heads, D=head_dim, PAGE=page,
+        GROUP=num_heads // num_kv_heads, D=head_dim,
+        D_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None, IEEE=ieee,
         num_warps=8 if block_m == 128 else 4, num_stages=2,
     )  # fmt: skip

@@ -71,17 +71,18 @@ def _rotary_kernel(
     Q, K, POS, INV_FREQ,
     stride_qt, stride_qh, stride_kt, stride_kh,
     HQ: tl.constexpr, HK: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
-    HALF: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(POS + t).to(tl.float32)
-    i = tl.arange(0, HALF)
-    f = pos * tl.load(INV_FREQ + i)
+    i = tl.arange(0, HALF_PAD)
+    imask = (i < HALF)[None, :]
+    f = pos * tl.load(INV_FREQ + i, mask=i < HALF, other=0.0)
     cos = tl.cos(f)[None, :]
     sin = tl.sin(f)[None, :]
     hq = tl.arange(0, HQ_PAD)[:, None]
     qp = Q + t * stride_qt + hq * stride_qh + i[None, :]
-    qm = hq < HQ
+    qm = (hq < HQ) & imask
     q1 = tl.load(qp, mask=qm, other=0.0)
     q2 = tl.load(qp + HALF, mask=qm, other=0.0)
     a, b = q1.to(tl.float32), q2.to(tl.float32)
@@ -89,7 +90,7 @@ def _rotary_kernel(
     tl.store(qp + HALF, (b * cos + a * sin).to(q1.dtype), mask=qm)
     hk = tl.arange(0, HK_PAD)[:, None]
     kp = K + t * stride_kt + hk * stride_kh + i[None, :]
-    km = hk < HK
+    km = (hk < HK) & imask
     k1 = tl.load(kp, mask=km, other=0.0)
     k2 = tl.load(kp + HALF, mask=km, other=0.0)
     a, b = k1.to(tl.float32), k2.to(tl.float32)
@@ -110,7 +111,7 @@ def rotary_(
         q, k, positions, inv_freq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         HQ=HQ, HK=HK, HQ_PAD=triton.next_power_of_2(HQ), HK_PAD=triton.next_power_of_2(HK),
-        HALF=D // 2, num_warps=4,
+        HALF=D // 2, HALF_PAD=triton.next_power_of_2(D // 2), num_warps=4,
     )  # fmt: skip
 
 

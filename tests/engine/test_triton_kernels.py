@@ -74,17 +74,18 @@ def _batch(q_lens, ctx_lens, page, num_blocks, gen):
 
 
 @pytest.mark.parametrize(
-    "q_lens,ctx_lens,heads,window",
+    "q_lens,ctx_lens,heads,window,d",
     [
-        ([1, 1, 1], [5, 70, 130], (4, 2), None),  # decodes, several splits
-        ([37, 1, 20], [37, 300, 90], (4, 1), None),  # prefill, decode, chunk over a prefix
-        ([70, 1], [150, 47], (2, 2), 24),  # sliding window, prefill and decode
+        ([1, 1, 1], [5, 70, 130], (4, 2), None, 16),  # decodes, several splits
+        ([37, 1, 20], [37, 300, 90], (4, 1), None, 16),  # prefill, decode, chunk over a prefix
+        ([70, 1], [150, 47], (2, 2), 24, 16),  # sliding window, prefill and decode
+        ([9, 1], [40, 90], (4, 2), None, 24),  # head_dim not a power of two (padded)
     ],
 )
-def test_paged_attention_matches_reference(q_lens, ctx_lens, heads, window):
+def test_paged_attention_matches_reference(q_lens, ctx_lens, heads, window, d):
     gen = torch.Generator().manual_seed(0)
     hq, hkv = heads
-    d, page, num_blocks = 16, 16, 64
+    page, num_blocks = 16, 64
     T = sum(q_lens)
     q = torch.randn(T, hq, d, generator=gen).to(DEVICE)
     k = torch.randn(T, hkv, d, generator=gen).to(DEVICE)
@@ -156,10 +157,10 @@ def test_rms_norm_with_and_without_residual():
 def test_rotary_in_place_matches_reference():
     gen = torch.Generator().manual_seed(3)
     rope = RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0)
-    inv = rope_inv_freq(32, rope).to(DEVICE)
+    inv = rope_inv_freq(48, rope).to(DEVICE)  # half = 24: not a power of two
     pos = torch.tensor([0, 5, 17, 1000], device=DEVICE)
-    q = torch.randn(4, 6, 32, generator=gen).to(DEVICE)
-    k = torch.randn(4, 2, 32, generator=gen).to(DEVICE)
+    q = torch.randn(4, 6, 48, generator=gen).to(DEVICE)
+    k = torch.randn(4, 2, 48, generator=gen).to(DEVICE)
     freqs = pos.float()[:, None] * inv[None, :]
     emb = torch.cat((freqs, freqs), -1)
     cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
