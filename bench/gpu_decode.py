@@ -80,12 +80,12 @@ def attention_sweep(cfg, points: list[tuple[int, int]]) -> list[dict]:
         lens = torch.full((b,), c, dtype=torch.int32, device="cuda")
         qs = torch.arange(b + 1, dtype=torch.int32, device="cuda")
         kv_bytes = 2 * b * c * hkv * d * 2
-        for max_len in (c, 4096):
+        for max_len in (max(c, 4096),):  # the CUDA-graph grid
             part = choose_partition(max_len, b, hkv, num_sms(q.device))
             splits = -(-max_len // part)
             for bn in (32, 64, 128):
-                for warps in (2, 4, 8):
-                    for stages in (1, 2, 3):
+                for warps in (4, 8):
+                    for stages in (1, 2):
                         run = functools.partial(
                             paged_decode, q, cache[0], cache[1], tables, lens, qs, qs[:b], o,
                             0.1, part, splits, None, bn, warps, stages,
