@@ -43,7 +43,8 @@ def decode_batch(batch: int, context: int, block_size: int = 16) -> SchedulerOut
     return SchedulerOutput(chunks=chunks)
 
 
-def time_steps(runner, sched: SchedulerOutput, iters: int = 20) -> float:
+def time_steps(runner, sched: SchedulerOutput, iters: int = 20) -> tuple[float, float | None]:
+    """(median step seconds, median seconds of the CUDA graph replay alone or None)."""
     for _ in range(3):
         runner.execute(sched)
     torch.cuda.synchronize()
@@ -52,7 +53,12 @@ def time_steps(runner, sched: SchedulerOutput, iters: int = 20) -> float:
         t0 = time.perf_counter()
         runner.execute(sched)  # ends with the sampled ids on the host: synchronised
         samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    replay = None
+    graphs = runner.graphs
+    if graphs is not None and graphs.can_run(sched):
+        bucket = next(x for x in graphs.buckets if x >= len(sched.chunks))
+        replay = g._events_ms(graphs.graphs[bucket].replay, iters) / 1e3
+    return statistics.median(samples), replay
 
 
 def layers_that_fit(cfg, batch: int, context: int, free_bytes: int) -> int:
@@ -159,7 +165,9 @@ def main() -> None:
     contexts = [int(x) for x in args.contexts.split(",")]
 
     bw = g.copy_bandwidth()
-    print(f"device {g.device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
+    peak = g.matmul_tflops()
+    print(f"device {g.device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s (read + write), "
+          f"bf16 matmul {peak:.0f} TFLOP/s")  # fmt: skip
     _, full = g.model_config(args.model)
     free = torch.cuda.mem_get_info()[0]
     plan: dict[int, list[tuple[int, int]]] = {}
@@ -182,13 +190,18 @@ def main() -> None:
                 attention=attention, cuda_graphs=graphs,
             )  # fmt: skip
             for b, c in points:
-                t = time_steps(runner, decode_batch(b, c))
+                t, replay = time_steps(runner, decode_batch(b, c))
                 read = g.weight_bytes(cfg, b) + b * c * g.kv_bytes_per_token(cfg)
                 roof = read / bw
+                # Compute floor of the projections: at large batch they are not memory-bound.
+                flops = b * g.linear_flops_per_token(cfg) + g.attention_flops(cfg, 1, c - 1) * b
+                compute = flops / (peak * 1e12)
                 rows.append(dict(
                     variant=label, layers=layers, batch=b, context=c, step_ms=t * 1e3,
+                    graph_replay_ms=replay * 1e3 if replay else None,
                     roofline_ms=roof * 1e3, ratio=roof / t, bytes_read=read,
-                    tokens_per_s=b / t,
+                    compute_floor_ms=compute * 1e3,
+                    ratio_to_max_floor=max(roof, compute) / t, tokens_per_s=b / t,
                 ))  # fmt: skip
                 r = rows[-1]
                 print(f"{label:13s} L={layers:2d} B={b:4d} ctx={c:5d}  {r['step_ms']:8.2f} ms  "
@@ -196,7 +209,7 @@ def main() -> None:
             del runner
             torch.cuda.empty_cache()
     path = g.write_result("gpu_decode", dict(
-        model=args.model, copy_bandwidth_Bps=bw, target_ratio=0.8, points=rows,
+        model=args.model, copy_bandwidth_Bps=bw, matmul_tflops=peak, target_ratio=0.8, points=rows,
         min_ratio_graph=min(r["ratio"] for r in rows if r["variant"] == "graph+triton"),
     ))  # fmt: skip
     print("\n| variant | layers | batch | context | step ms | roofline ms | ratio |")
