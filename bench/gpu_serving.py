@@ -9,9 +9,12 @@ weights; values do not change the work when lengths are fixed):
   no start-up cost-model profiling). Warmed up with a few short requests first (CUDA graphs
   are captured in the runner constructor; Triton compiles on first use). The time of each
   new token is taken when ``step()`` returns it (``RequestOutput.new_token_ids``).
-- ``hf-cb``:     transformers continuous batching, ``model.generate_batch`` (paged attention,
-  CUDA graphs via ``ContinuousBatchingConfig(use_cuda_graph=True)`` where that exists),
-  per-token timestamps from ``record_timestamps=True``. The timed span starts at the first
+- ``hf-cb``:     transformers continuous batching, ``model.generate_batch`` (paged attention:
+  the first of ``--hf-cb-attn`` that the model accepts and that completes the warm-up
+  requests; CUDA graphs via ``ContinuousBatchingConfig(use_cuda_graph=True)``, falling back
+  to transformers' own choice if that fails; ``auto_switch_to_flash=False`` where the field
+  exists), per-token timestamps from ``record_timestamps=True``, EOS disabled
+  (``eos_token_id`` -1) and every output length checked. The timed span starts at the first
   request's ``created_time`` (after the manager's own CUDA-graph warm-up, which like
   Tandem's capture is a one-time start-up cost); the whole call's wall time is recorded too.
   Workloads with varied output lengths go through ``continuous_batching_context_manager``
@@ -223,7 +226,7 @@ def time_limit(seconds: float) -> Iterator[None]:
         return
 
     def expire(signum: int, frame: Any) -> None:
-        raise SystemTimeout(f"took longer than --timeout-per-system {seconds:.0f} s")
+        raise SystemTimeout(f"took longer than --timeout-per-system {seconds:g} s")
 
     old = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -351,26 +354,25 @@ def _accepts(fn: Any, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
-def cb_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+def cb_options(graphs: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(kwargs for generate_batch / the context manager, what was set): a
-    ContinuousBatchingConfig with CUDA graphs as asked and no silent switch to flash.
-    Without that class, ``use_cuda_graph`` goes on the GenerationConfig if it has the field."""
+    ContinuousBatchingConfig with CUDA graphs ``on``/``off``/``auto`` and no silent switch
+    to flash. Without that class, ``use_cuda_graph`` goes on the GenerationConfig if it has
+    the field."""
     try:
         from transformers.generation import ContinuousBatchingConfig
     except ImportError:
-        if args.hf_cb_cuda_graph == "auto":
+        if graphs == "auto":
             return {}, {"continuous_batching_config": None}
-        flag = args.hf_cb_cuda_graph == "on"
-        return {"gen:use_cuda_graph": flag}, {"generation_config.use_cuda_graph": flag}
+        return {"gen:use_cuda_graph": graphs == "on"}, {"generation_config.use_cuda_graph": graphs}
     fields = inspect.signature(ContinuousBatchingConfig).parameters
     kw: dict[str, Any] = {}
-    if "use_cuda_graph" in fields and args.hf_cb_cuda_graph != "auto":
-        kw["use_cuda_graph"] = args.hf_cb_cuda_graph == "on"
+    if "use_cuda_graph" in fields and graphs != "auto":
+        kw["use_cuda_graph"] = graphs == "on"
     if "auto_switch_to_flash" in fields:
         kw["auto_switch_to_flash"] = False  # keep the implementation asked for
-    return {"continuous_batching_config": ContinuousBatchingConfig(**kw)}, {
-        "continuous_batching_config": kw
-    }
+    cb = ContinuousBatchingConfig(**kw)
+    return {"continuous_batching_config": cb}, {"continuous_batching_config": kw}
 
 
 def cb_generate(model: Any, wl: Workload, cb_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -456,38 +458,43 @@ def cb_generate(model: Any, wl: Workload, cb_kwargs: dict[str, Any]) -> dict[str
 
 
 def run_hf_cb(args: argparse.Namespace, model: Any, wl: Workload, warm: Workload) -> dict[str, Any]:
+    """Tries (attn_implementation, CUDA graphs) pairs on the warm-up requests, in order
+    (graphs ``on`` falls back to ``auto``), then times the workload with the first that works."""
     if not hasattr(model, "generate_batch"):
         raise RuntimeError("this transformers has no generate_batch")
-    cb_kwargs, cb_set = cb_options(args)
-    switches: list[str] = []  # what the manager switches the model to (flash, paged|...)
+    switches: list[str] = []  # what the manager itself switches the model to
     original_set = model.set_attn_implementation
 
     def spy(impl: Any, *a: Any, **k: Any) -> Any:
         switches.append(str(impl))
         return original_set(impl, *a, **k)
 
+    graph_opts = ["on", "auto"] if args.hf_cb_cuda_graph == "on" else [args.hf_cb_cuda_graph]
+    pairs = [(c, gr) for c in args.hf_cb_attn.split(",") if c for gr in graph_opts]
     tried: dict[str, str] = {}
-    chosen = None
+    chosen: tuple[str, str, str] | None = None
     try:
-        for cand in [c for c in args.hf_cb_attn.split(",") if c]:
+        for cand, graphs in pairs:
+            label = f"{cand} / cuda graphs {graphs}"
             try:
                 original_set(cand)
-                set_to = model.config._attn_implementation
+                set_to = str(model.config._attn_implementation)
                 model.set_attn_implementation = spy
                 t0 = time.perf_counter()
-                cb_generate(model, warm, cb_kwargs)  # warm-up and a check that it works
-                chosen = cand
-                print(f"  attn_implementation {cand!r} (config: {set_to!r}) works; warm-up "
+                cb_generate(model, warm, cb_options(graphs)[0])  # warm-up and a check
+                chosen = (cand, graphs, set_to)
+                print(f"  {label} works (config: {set_to!r}); warm-up "
                       f"{time.perf_counter() - t0:.1f} s", flush=True)  # fmt: skip
                 break
             except Exception as e:
-                tried[cand] = f"{type(e).__name__}: {e}"
-                print(f"  attn_implementation {cand!r} failed: {tried[cand]}", flush=True)
+                tried[label] = f"{type(e).__name__}: {e}"
+                print(f"  {label} failed: {tried[label]}", flush=True)
             finally:
                 model.__dict__.pop("set_attn_implementation", None)
                 gc.collect()
         if chosen is None:
             raise RuntimeError(f"no attn_implementation worked: {tried}")
+        cb_kwargs, cb_set = cb_options(chosen[1])
         switches.clear()
         model.set_attn_implementation = spy
         free_memory(args.device)
@@ -499,9 +506,9 @@ def run_hf_cb(args: argparse.Namespace, model: Any, wl: Workload, warm: Workload
         except Exception as e:  # noqa: BLE001 - reported, static generate may still run
             print(f"  could not set sdpa back: {e}", flush=True)
     result.update(
-        attn_implementation=chosen, attn_implementation_set=set_to,
+        attn_implementation=chosen[0], attn_implementation_in_config=chosen[2],
         attn_implementation_switched_by_transformers=switches[:1] or None,
-        attn_implementations_failed=tried, **cb_set,
+        cuda_graphs_option=chosen[1], failed_attempts=tried, **cb_set,
     )  # fmt: skip
     return result
 
@@ -564,7 +571,7 @@ def run_hf_static(
 ) -> dict[str, Any]:
     if model.config._attn_implementation != "sdpa":
         model.set_attn_implementation("sdpa")
-    static_generate(model, warm.prompts[:2], 4, args.device)  # warm-up
+    static_generate(model, warm.prompts, 4, args.device)  # warm-up
     batch_size = args.hf_batch_size or len(wl.prompts)
     ooms = []
     while True:
@@ -663,9 +670,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         ap.error(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
-    args.systems = ["tandem"] if args.skip_transformers and "tandem" in systems else systems
-    if args.skip_transformers and "tandem" not in systems:
-        args.systems = []
+    args.systems = [s for s in systems if s == "tandem"] if args.skip_transformers else systems
     if not 1 <= args.min_input <= args.max_input or args.output_len < 1 or args.num_requests < 1:
         ap.error("need 1 <= --min-input <= --max-input, --output-len >= 1, --num-requests >= 1")
     return args
@@ -687,7 +692,11 @@ def run(args: argparse.Namespace, folder: str, cfg: Any) -> None:
     warm_n = max(1, min(args.warmup_requests, args.num_requests))
     warm_src = make_workload(args.workload, warm_n, args.seed + 1, args.min_input,
                              args.max_input, args.output_len, cfg.vocab_size)  # fmt: skip
-    warm = Workload(warm_src.prompts, [min(8, args.output_len)] * warm_n)
+    # Short outputs; varied when the workload's are, so hf-cb's warm-up takes the same API path.
+    warm_outs = [min(8, args.output_len)] * warm_n
+    if len(set(wl.output_lens)) > 1:
+        warm_outs = [4 + i % 5 for i in range(warm_n)] if warm_n > 1 else [4]
+    warm = Workload(warm_src.prompts, warm_outs)
     device = g.device_name(args.device) if args.device.startswith("cuda") else args.device
     peak, bw = measure_limits(args.device, args.peak_tflops, args.bandwidth_gbs)
     floor = workload_floor(cfg, wl.input_lens, wl.output_lens, peak, bw)
@@ -733,16 +742,26 @@ def run(args: argparse.Namespace, folder: str, cfg: Any) -> None:
         holder.clear()
         free_memory(args.device)
 
-    tandem_tps = results.get("tandem", {}).get("output_tokens_per_s")
+    tandem_name, tandem_tps = next(
+        ((k, r["output_tokens_per_s"]) for k, r in results.items()
+         if k.startswith("tandem") and "output_tokens_per_s" in r),
+        (None, None),
+    )  # fmt: skip
+    if args.workload == "uniform":
+        lengths = dict(
+            min_input=args.min_input, max_input=args.max_input, output_len=args.output_len
+        )
+    else:
+        lengths = dict(clip_input=SHAREGPT_MAX_INPUT, clip_output=SHAREGPT_MAX_OUTPUT)
     payload = dict(
-        model=args.model, layers=cfg.num_layers, dtype=args.dtype, systems=args.systems,
-        workload=dict(kind=args.workload, seed=args.seed, min_input=args.min_input,
-                      max_input=args.max_input, output_len=args.output_len,
+        device=device, model=args.model, layers=cfg.num_layers, dtype=args.dtype, systems=args.systems,
+        workload=dict(kind=args.workload, seed=args.seed, **lengths,
                       token_ids=[TOKEN_LOW, TOKEN_HIGH], arrivals="all at once",
                       **wl.describe()),
         floor=floor, target_floor_ratio=TARGET_FLOOR_RATIO,
         tandem_floor_ratio=tandem_tps / floor["output_tokens_per_s"] if tandem_tps else None,
-        results=results, versions=versions(), argv=sys.argv[1:],
+        tandem_floor_ratio_system=tandem_name,
+        results=results, versions=versions(), options=vars(args), argv=sys.argv[1:],
     )  # fmt: skip
     payload = json.loads(json.dumps(payload, default=float))  # numpy scalars → plain JSON
     text = json.dumps(payload, indent=2) + "\n"
@@ -753,6 +772,13 @@ def run(args: argparse.Namespace, folder: str, cfg: Any) -> None:
         Path(args.out).write_text(text)
         paths.append(Path(args.out))
     print("\n" + table(results, floor))
+    if tandem_tps:
+        ratio = payload["tandem_floor_ratio"]
+        verdict = "meets" if ratio >= TARGET_FLOOR_RATIO else "misses"
+        print(
+            f"{tandem_name}: {ratio:.2f} of the floor's throughput ({verdict} the "
+            f"{TARGET_FLOOR_RATIO:.2f} target)"
+        )
     for p in paths:
         print(f"wrote {p}")
 
