@@ -10,7 +10,7 @@ for step in "$@"; do
     timeout 240 python -m pytest -q -x -p no:cacheprovider tests/gpu tests/engine/test_triton_kernels.py 2>&1 | tail -25
   else
     read -r script rest <<<"$step"
-    timeout 300 python bench/$script $rest 2>&1 | tail -45
+    timeout "${BENCH_TIMEOUT:-300}" python bench/$script $rest 2>&1 | tail -45
   fi
 done
 mkdir -p "${OUT:-/tmp/out}" && cp -r bench/results "${OUT:-/tmp/out}/" 2>/dev/null
