@@ -6,7 +6,9 @@ head and one *partition* of ``partition`` consecutive context positions; it load
 partition in tiles of ``BLOCK_N`` tokens through the block table, and keeps an online
 softmax. With one split it writes the normalised output; with more it writes the
 unnormalised partial (acc, max, sum) and ``_reduce_kernel`` merges the partials of the
-``cdiv(seq_len, partition)`` splits that had work. A program whose partition starts past
+``cdiv(seq_len, partition)`` splits that had work. ``partition`` and the split count are
+runtime arguments, not compile-time constants: eager batches pick them per iteration, and a
+new constant would mean a new compilation (seconds) in the serving loop. A program whose partition starts past
 the sequence returns at once, so the grid can be sized for the longest context the batch
 may reach (CUDA graphs) at almost no cost. ``seq_len == 0`` (a padding row) writes zeros.
 
@@ -35,7 +37,7 @@ def _decode_kernel(
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, partition, num_splits, ONE_SPLIT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     i = tl.program_id(0)
@@ -44,18 +46,18 @@ def _decode_kernel(
     s = tl.load(SEQ_IDX + i).to(tl.int64)
     seq_len = tl.load(SEQ_LENS + s)
     qrow = tl.load(QSTART + s).to(tl.int64)
-    start = split * PARTITION
+    start = split * partition
     heads = kvh * GROUP + tl.arange(0, GROUP_PAD)
     hmask = tl.arange(0, GROUP_PAD) < GROUP
     d = tl.arange(0, D_PAD)
     dmask = d < D
     hd = hmask[:, None] & dmask[None, :]
-    if NUM_SPLITS == 1 and seq_len == 0:
+    if ONE_SPLIT and seq_len == 0:
         zero = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
         optr = OUT + qrow * stride_ot + heads[:, None] * stride_oh + d[None, :]
         tl.store(optr, zero.to(OUT.dtype.element_ty), mask=hd)
     if start < seq_len:
-        end = tl.minimum(start + PARTITION, seq_len)
+        end = tl.minimum(start + partition, seq_len)
         lo = start
         if HAS_WINDOW:
             lo = tl.maximum(start, ((seq_len - window) // BLOCK_N) * BLOCK_N)
@@ -96,13 +98,13 @@ def _decode_kernel(
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
-        if NUM_SPLITS == 1:
+        if ONE_SPLIT:
             out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
             optr = OUT + qrow * stride_ot + heads[:, None] * stride_oh + d[None, :]
             tl.store(optr, out.to(OUT.dtype.element_ty), mask=hd)
         else:
-            # partials: acc [S, Hq, NUM_SPLITS, D], (m, l) [S, Hq, NUM_SPLITS, 2]
-            row = (s * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+            # partials: acc [S, Hq, num_splits, D], (m, l) [S, Hq, num_splits, 2]
+            row = (s * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
             tl.store(PART_ACC + row[:, None] * D + d[None, :], acc, mask=hd)
             tl.store(PART_ML + row * 2, m, mask=hmask)
             tl.store(PART_ML + row * 2 + 1, l_sum, mask=hmask)
@@ -111,29 +113,42 @@ def _decode_kernel(
 @triton.jit
 def _reduce_kernel(
     PART_ACC, PART_ML, SEQ_LENS, QSTART, SEQ_IDX, OUT, stride_ot, stride_oh, NUM_HEADS,
-    D: tl.constexpr, D_PAD: tl.constexpr, PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
+    partition, num_splits,
+    D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_TILE: tl.constexpr,
 ):  # fmt: skip
     i = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.load(SEQ_IDX + i).to(tl.int64)
     seq_len = tl.load(SEQ_LENS + s)
-    used = tl.cdiv(seq_len, PARTITION)
-    sp = tl.arange(0, SPLITS_PAD)
-    smask = sp < used
-    row = (s * NUM_HEADS + h) * NUM_SPLITS + sp
-    m = tl.load(PART_ML + row * 2, mask=smask, other=float("-inf"))
-    l_sum = tl.load(PART_ML + row * 2 + 1, mask=smask, other=0.0)
-    m_max = tl.max(m, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.where(smask, tl.exp2(m - m_max), 0.0)
+    used = tl.cdiv(seq_len, partition)
+    base = (s * NUM_HEADS + h) * num_splits
+    # Pass 1: the largest running max of the splits that had work.
+    m_max = tl.full([SPLITS_TILE], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, used, SPLITS_TILE):
+        sp = s0 + tl.arange(0, SPLITS_TILE)
+        m = tl.load(PART_ML + (base + sp) * 2, mask=sp < used, other=float("-inf"))
+        m_max = tl.maximum(m_max, m)
+    mx = tl.max(m_max, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    # Pass 2: rescale each split's sum and accumulator to that max.
     d = tl.arange(0, D_PAD)
     dmask = d < D
-    acc = tl.load(
-        PART_ACC + row[:, None] * D + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0
-    )
-    total = tl.sum(l_sum * w, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    total = tl.zeros([SPLITS_TILE], dtype=tl.float32)
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    for s0 in range(0, used, SPLITS_TILE):
+        sp = s0 + tl.arange(0, SPLITS_TILE)
+        smask = sp < used
+        m = tl.load(PART_ML + (base + sp) * 2, mask=smask, other=float("-inf"))
+        l_sum = tl.load(PART_ML + (base + sp) * 2 + 1, mask=smask, other=0.0)
+        w = tl.where(smask, tl.exp2(m - mx), 0.0)
+        part = tl.load(
+            PART_ACC + (base + sp)[:, None] * D + d[None, :],
+            mask=smask[:, None] & dmask[None, :], other=0.0,
+        )  # fmt: skip
+        total += l_sum * w
+        acc += tl.sum(part * w[:, None], 0)
+    denom = tl.sum(total, 0)
+    out = acc / tl.where(denom > 0, denom, 1.0)
     qrow = tl.load(QSTART + s).to(tl.int64)
     tl.store(OUT + qrow * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=dmask)
 
@@ -185,14 +200,14 @@ def paged_decode(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
-        BLOCK_N=block_n, PARTITION=partition, NUM_SPLITS=num_splits,
+        BLOCK_N=block_n, partition=partition, num_splits=num_splits, ONE_SPLIT=num_splits == 1,
         HAS_WINDOW=sliding_window is not None, IEEE=ieee, num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _reduce_kernel[(n, num_heads)](
             part_acc, part_ml, seq_lens, query_start, seq_idx, out, out.stride(0), out.stride(1), num_heads,
-            D=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), PARTITION=partition,
-            NUM_SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+            partition, num_splits,
+            D=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), SPLITS_TILE=16,
+            num_warps=4,
         )  # fmt: skip

@@ -104,7 +104,8 @@ def test_paged_attention_matches_reference(q_lens, ctx_lens, heads, window, d):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
-def test_decode_with_forced_splits_and_padding_rows():
+@pytest.mark.parametrize("partition,splits", [(64, 4), (4, 64)])  # 64: the reduce loops
+def test_decode_with_forced_splits_and_padding_rows(partition, splits):
     """A graph-style batch: fixed partition and split count, a padding row (seq_len 0,
     slot -1) that must write zeros and store nothing."""
     gen = torch.Generator().manual_seed(1)
@@ -128,8 +129,8 @@ def test_decode_with_forced_splits_and_padding_rows():
     meta.query_start_loc, meta.seq_lens = [0, 1, 2, 3], [100, 33, 0]
     meta.device = DeviceMeta(
         seq_lens=i32([100, 33, 0]), query_start=i32([0, 1, 2, 3]), decode_idx=i32([0, 1, 2]),
-        prefill_idx=i32([]), max_query_len=1, max_seq_len=256, decode_partition=64,
-        decode_splits=4,
+        prefill_idx=i32([]), max_query_len=1, max_seq_len=256, decode_partition=partition,
+        decode_splits=splits,
     )  # fmt: skip
     kc, vc = cache[0].clone(), cache[1].clone()
     out = TritonPagedBackend().forward(q, k, v, kc, vc, meta, 0.25)
