@@ -138,6 +138,9 @@ class KVCacheManager:
         """Whether ``allocate(request_id, num_tokens)`` would leave at least ``reserve`` free."""
         if reserve < 0:
             raise ValueError(f"reserve must be >= 0, got {reserve}")
+        table = self._tables.get(request_id)
+        if table is not None and 0 <= num_tokens <= len(table) * self.block_size:
+            return reserve <= self.pool.num_free  # the decode hot path: no new block
         return self.blocks_needed(request_id, num_tokens) + reserve <= self.pool.num_free
 
     def allocate(self, request_id: str, num_tokens: int) -> list[int]:
@@ -153,6 +156,9 @@ class KVCacheManager:
                 f"request {request_id!r} has a pending import on {self.tier}; "
                 "commit or abort it before allocating"
             )
+        table = self._tables.get(request_id)
+        if table is not None and 0 <= num_tokens <= len(table) * self.block_size:
+            return []  # the decode hot path: the table already covers it
         need = self.blocks_needed(request_id, num_tokens)
         try:
             new_ids = self.pool.allocate(need)
