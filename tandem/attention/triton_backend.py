@@ -49,6 +49,43 @@ def device_meta(meta: AttentionMetadata, device: torch.device) -> DeviceMeta:
 class TritonPagedBackend(AttentionBackend):
     name = "triton"
 
+    def warm_up(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        sliding_window: int | None,
+    ) -> None:
+        """Compile every kernel variant serving can reach (decode with one and with several
+        splits, prefill with 64- and 128-row tiles, the split reduction) before the first
+        request, so no compilation happens inside the serving loop."""
+        blocks = 40
+        cache = torch.zeros(
+            (2, blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
+        )
+        for q_lens in ([1, 1], [1, 32], [1, 100]):
+            ctx = [block_size * 8, *q_lens[1:]]
+            T = sum(q_lens)
+            tables = torch.arange(blocks, device=device).view(2, blocks // 2)
+            meta = AttentionMetadata(
+                query_start_loc=[0, q_lens[0], T],
+                seq_lens=[ctx[0], max(ctx[1], q_lens[1])],
+                block_tables=tables,
+                slot_mapping=torch.full((T,), -1, dtype=torch.long, device=device),
+                block_size=block_size,
+                sliding_window=sliding_window,
+            )
+            q = torch.zeros((T, num_heads, head_dim), dtype=dtype, device=device)
+            kv = torch.zeros((T, num_kv_heads, head_dim), dtype=dtype, device=device)
+            for splits in (1, 3):  # ONE_SPLIT and the partial + reduce path
+                meta.device = device_meta(meta, device)
+                meta.device.decode_partition = -(-ctx[0] // splits)
+                meta.device.decode_splits = splits
+                self.forward(q, kv, kv, cache[0], cache[1], meta, 1.0)
+
     def forward(
         self,
         q: torch.Tensor,

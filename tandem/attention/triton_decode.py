@@ -30,7 +30,9 @@ NUM_WARPS = 4
 NUM_STAGES = 1
 
 
-@triton.jit
+# Per-iteration values are not specialised on (Triton would compile a variant for each
+# "== 1" / "multiple of 16" class of them, seconds each, inside the serving loop).
+@triton.jit(do_not_specialize=["window", "stride_bt", "partition", "num_splits"])
 def _decode_kernel(
     Q, KC, VC, TABLES, SEQ_LENS, QSTART, SEQ_IDX, OUT, PART_ACC, PART_ML,
     scale_log2, window,
@@ -110,7 +112,7 @@ def _decode_kernel(
             tl.store(PART_ML + row * 2 + 1, l_sum, mask=hmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["partition", "num_splits"])
 def _reduce_kernel(
     PART_ACC, PART_ML, SEQ_LENS, QSTART, SEQ_IDX, OUT, stride_ot, stride_oh, NUM_HEADS,
     partition, num_splits,

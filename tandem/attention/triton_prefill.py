@@ -56,7 +56,7 @@ def _tile(
     return acc, m_new, l_sum
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "stride_bt"])
 def _prefill_kernel(
     Q, KC, VC, TABLES, SEQ_LENS, QSTART, SEQ_IDX, OUT,
     scale_log2, window,

@@ -175,3 +175,9 @@ def test_silu_and_mul():
     x = torch.randn(3, 2 * 40, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     ref = torch.nn.functional.silu(x[:, :40]) * x[:, 40:]
     torch.testing.assert_close(ew.silu_and_mul(x), ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim,window", [(16, None), (24, 7)])
+def test_warm_up_runs_every_variant_without_touching_the_cache(head_dim, window):
+    """The start-up compile pass: every path runs (slots -1 store nothing)."""
+    TritonPagedBackend().warm_up(8, 2, head_dim, 16, torch.float32, torch.device(DEVICE), window)
