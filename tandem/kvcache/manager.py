@@ -262,15 +262,7 @@ class KVCacheManager:
         """
         _check_tokens(num_tokens)
         self._check_id_free(request_id, "reserve an import")
-        need = _blocks_for(num_tokens, self.block_size)
-        try:
-            ids = self.pool.allocate(need)
-        except NoFreeBlocksError:
-            raise NoFreeBlocksError(
-                f"cannot reserve {need} blocks to import {num_tokens} tokens of "
-                f"{request_id!r}: {self.pool.num_free} of {self.pool.num_blocks} free "
-                f"on {self.tier}"
-            ) from None
+        ids = self._reserve(request_id, num_tokens, "import")
         self._imports[request_id] = _PendingImport(block_ids=ids, num_tokens=num_tokens)
         return list(ids)
 
@@ -285,14 +277,7 @@ class KVCacheManager:
             raise KVStateError(
                 f"cannot extend the import of {request_id!r} on {self.tier}: none is pending"
             )
-        need = _blocks_for(num_tokens, self.block_size)
-        try:
-            ids = self.pool.allocate(need)
-        except NoFreeBlocksError:
-            raise NoFreeBlocksError(
-                f"cannot reserve {need} more blocks for the import of {request_id!r}: "
-                f"{self.pool.num_free} of {self.pool.num_blocks} free on {self.tier}"
-            ) from None
+        ids = self._reserve(request_id, num_tokens, "extend the import of")
         pending.block_ids.extend(ids)
         pending.num_tokens += num_tokens
         return list(ids)
@@ -358,6 +343,18 @@ class KVCacheManager:
         )
 
     # ---- helpers ---------------------------------------------------------------------
+
+    def _reserve(self, request_id: str, num_tokens: int, action: str) -> list[int]:
+        """Blocks for ``num_tokens`` tokens, all or nothing (``NoFreeBlocksError``)."""
+        need = _blocks_for(num_tokens, self.block_size)
+        try:
+            return self.pool.allocate(need)
+        except NoFreeBlocksError:
+            raise NoFreeBlocksError(
+                f"cannot reserve {need} blocks to {action} {num_tokens} tokens of "
+                f"{request_id!r}: {self.pool.num_free} of {self.pool.num_blocks} free "
+                f"on {self.tier}"
+            ) from None
 
     def _refcount_or_none(self, block_id: int) -> int | None:
         try:
