@@ -96,6 +96,50 @@ def _add_http_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_migration_args(p: argparse.ArgumentParser) -> None:
+    """The router's live-migration flags (``router.migration.MigrationConfig``)."""
+    p.add_argument(
+        "--migration",
+        default="off",
+        choices=["off", "manual", "balanced"],
+        help="live migration between decode workers: off; manual (admin endpoints only: "
+        "/admin/migrate, /admin/drain/WORKER); balanced (also a rebalancer that moves "
+        "requests from the most to the least loaded worker) (default: off)",
+    )
+    p.add_argument(
+        "--migration-interval",
+        type=float,
+        default=0.5,
+        help="seconds between two rebalancer decisions (default: 0.5)",
+    )
+    p.add_argument(
+        "--migration-min-gap",
+        type=float,
+        default=0.1,
+        help="rebalance only when the virtual usage (KV demand over capacity) of the most "
+        "and least loaded decode workers differs by at least this (default: 0.1)",
+    )
+    p.add_argument(
+        "--migration-final-blocks",
+        type=int,
+        default=2,
+        help="stop-and-copy once at most this many KV blocks are left to send (default: 2)",
+    )
+    p.add_argument(
+        "--migration-max-stages",
+        type=int,
+        default=8,
+        help="stages per migration at most, the final stop-and-copy included (default: 8)",
+    )
+    p.add_argument(
+        "--dispatch",
+        default="usage",
+        choices=["usage", "round-robin"],
+        help="how new requests pick a decode worker: lowest virtual usage, or in turn "
+        "(a known spread for benchmarks) (default: usage)",
+    )
+
+
 def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument(
@@ -116,6 +160,16 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fake-step-ms", type=float, default=0.0, help="with --fake-engine: ms per iteration"
+    )
+
+
+def _add_migration_lease_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--migration-lease",
+        type=float,
+        default=10.0,
+        help="seconds a decode worker keeps the blocks of an incoming migration whose "
+        "source went silent between stages (default: 10)",
     )
 
 
@@ -155,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--decode-workers", type=int, default=0, help="disaggregated: decode worker processes"
     )
+    _add_migration_args(p)
+    _add_migration_lease_arg(p)
 
     p = sub.add_parser("router", help="the HTTP front end (no torch)")
     p.add_argument("--model", default=None, help="model folder (tokenizer, chat template)")
@@ -170,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cost-model", default=None, help="cost model JSON for skip-join admission")
     _add_http_args(p)
+    _add_migration_args(p)
 
     for name, help_text in (
         ("decode-worker", "a decode worker (receives KV from prefill workers), or --colocated"),
@@ -191,10 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
                 default=30.0,
                 help="seconds a KV reservation waits for its bytes",
             )
-        else:
-            p.add_argument(
-                "--kv-timeout", type=float, default=30.0, help="seconds a KV handoff may take"
-            )
+            _add_migration_lease_arg(p)
+        p.add_argument(
+            "--kv-timeout",
+            type=float,
+            default=30.0,
+            help="seconds a KV transfer (handoff, migration stage) may take",
+        )
 
     sub.add_parser(
         "loadgen",
@@ -330,6 +390,10 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     colocated = not prefill and (args.colocated or args.fake_engine)
     if args.fake_engine and prefill:
         parser.error("--fake-engine runs colocated only (it has no KV to hand off)")
+    if not args.kv_timeout > 0:
+        parser.error(f"--kv-timeout must be > 0, got {args.kv_timeout}")
+    if not prefill and not args.migration_lease > 0:
+        parser.error(f"--migration-lease must be > 0, got {args.migration_lease}")
 
     async def run() -> None:
         if prefill:
@@ -342,7 +406,7 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             service = WorkerService(engine, role="colocated", **common)
         else:
             from decode_worker.disagg import DecodeWorkerService
-            from kvtransfer import make_receiver
+            from kvtransfer import make_receiver, make_sender
 
             def receiver(callbacks):
                 return make_receiver(
@@ -354,7 +418,13 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                     lease_s=args.kv_lease,
                 )
 
-            service = DecodeWorkerService(engine, kv_receiver_factory=receiver, **common)
+            service = DecodeWorkerService(
+                engine,
+                kv_receiver_factory=receiver,
+                kv_sender=make_sender("tcp", engine.compat_hash, timeout_s=args.kv_timeout),
+                migration_lease_s=args.migration_lease,
+                **common,
+            )
         port = await service.start()
         print(f"TANDEM_WORKER_READY {args.host}:{port}", flush=True)
         try:
@@ -393,8 +463,16 @@ def _run_router(
     from aiohttp import web
 
     from router.app import RouterConfig, build_app
+    from router.migration import MigrationConfig
 
     try:
+        migration = MigrationConfig(
+            mode=args.migration,
+            interval_s=args.migration_interval,
+            min_gap=args.migration_min_gap,
+            final_blocks=args.migration_final_blocks,
+            max_stages=args.migration_max_stages,
+        )
         config = RouterConfig(
             model_dir=model,
             served_model_name=args.served_model_name or Path(model).name,
@@ -403,6 +481,8 @@ def _run_router(
             cost_model=getattr(args, "cost_model", None),
             max_in_flight=args.max_in_flight,
             request_timeout=args.request_timeout,
+            migration=migration,
+            dispatch=args.dispatch,
         )
         app = build_app(config)
     except (ValueError, OSError) as e:
@@ -429,6 +509,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("--prefill-workers and --decode-workers go together (both >= 1)")
     if args.prefill_workers < 0 or args.decode_workers < 0:
         parser.error("--prefill-workers and --decode-workers must be >= 0")
+    if not args.migration_lease > 0:
+        parser.error(f"--migration-lease must be > 0, got {args.migration_lease}")
 
     def free_port() -> int:
         with socket.socket() as sock:
@@ -447,8 +529,9 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.enforce_eager:
         engine_flags.append("--enforce-eager")
     if args.decode_workers:
+        lease = ["--migration-lease", str(args.migration_lease)]
         roles = [("prefill-worker", [])] * args.prefill_workers + [
-            ("decode-worker", [])
+            ("decode-worker", lease)
         ] * args.decode_workers
     else:
         roles = [("decode-worker", ["--colocated"])]

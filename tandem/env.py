@@ -9,6 +9,10 @@ from the environment is visible here and nowhere else.
 - ``TANDEM_TRITON``: ``0`` turns the Triton kernels off on CUDA (the torch reference
   attention and ops run instead); default on.
 - ``TANDEM_CUDA_GRAPHS``: ``0`` turns CUDA-graph decode off; default on (CUDA only).
+- ``TANDEM_MIGRATION_FAULTS``: ``1`` lets ``POST /admin/migrate`` carry a ``fault``
+  (``source:first|middle|final``, ``dest:first|middle|final|commit``) that makes that
+  migration abort at that point. Test only; off by default, and then a ``fault`` gets a 400.
+  Read by the router and by the decode workers (``tandem serve`` passes it to both).
 - Container settings (``tandem.container``, the Docker images' entrypoint; each becomes a
   flag of the service, and a flag given on the command line wins): ``TANDEM_MODEL``
   (--model), ``TANDEM_REGISTRY`` (--registry), ``TANDEM_HOST`` (--host), ``TANDEM_PORT``
@@ -55,3 +59,8 @@ def cuda_graphs_enabled() -> bool:
 def container_settings() -> dict[str, str]:
     """Every ``TANDEM_*`` variable, for the container entrypoint and healthcheck."""
     return {k: v for k, v in os.environ.items() if k.startswith("TANDEM_")}
+
+
+def migration_faults_enabled() -> bool:
+    """Whether injected migration faults are allowed (tests only)."""
+    return os.environ.get("TANDEM_MIGRATION_FAULTS", "") == "1"

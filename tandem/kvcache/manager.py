@@ -24,10 +24,10 @@ The order of the two sides does not matter to the bookkeeping; the transfer laye
 it, so a copy in flight never reads or writes a block that was handed to someone else:
 ``free(rid)`` touches only the table, never an export or a pending import.
 
-Extension point: staged (live) migration will export a prefix of a table while the request
-keeps decoding into its tail. That is a new method that moves ``table[:k]`` into an export
-and leaves the rest; ``KVExport`` and ``release_export`` / ``restore_export`` already work
-on any tuple of ids, and restore would then prepend instead of replace.
+Staged (live) migration copies a request's full blocks while it keeps decoding on the
+source, so the source needs no export until the final stop-and-copy; the destination grows
+one pending import stage by stage (``reserve_import`` for the first stage, ``extend_import``
+for each later one) and commits or aborts it as a whole.
 
 Not yet here: copy-on-write of a shared last block after ``fork`` (the caller must not
 write into a block whose refcount is above 1) and a prefix cache.
@@ -268,17 +268,30 @@ class KVCacheManager:
         """
         _check_tokens(num_tokens)
         self._check_id_free(request_id, "reserve an import")
-        need = _blocks_for(num_tokens, self.block_size)
-        try:
-            ids = self.pool.allocate(need)
-        except NoFreeBlocksError:
-            raise NoFreeBlocksError(
-                f"cannot reserve {need} blocks to import {num_tokens} tokens of "
-                f"{request_id!r}: {self.pool.num_free} of {self.pool.num_blocks} free "
-                f"on {self.tier}"
-            ) from None
+        ids = self._reserve(request_id, num_tokens, "import")
         self._imports[request_id] = _PendingImport(block_ids=ids, num_tokens=num_tokens)
         return list(ids)
+
+    def extend_import(self, request_id: str, num_tokens: int) -> list[int]:
+        """Reserve ``ceil(num_tokens / block_size)`` more blocks for the request's pending
+        import (a later stage of a migration); returns the new ids, which follow the
+        pending ones in token order. ``KVStateError`` if no import is pending;
+        ``NoFreeBlocksError`` reserves nothing."""
+        _check_tokens(num_tokens)
+        pending = self._imports.get(request_id)
+        if pending is None:
+            raise KVStateError(
+                f"cannot extend the import of {request_id!r} on {self.tier}: none is pending"
+            )
+        ids = self._reserve(request_id, num_tokens, "extend the import of")
+        pending.block_ids.extend(ids)
+        pending.num_tokens += num_tokens
+        return list(ids)
+
+    def pending_import_blocks(self, request_id: str) -> int:
+        """Blocks reserved for the request's pending import (0 if none)."""
+        pending = self._imports.get(request_id)
+        return 0 if pending is None else len(pending.block_ids)
 
     def commit_import(self, request_id: str) -> list[int]:
         """The bytes have arrived: the pending blocks become the request's table (returned)."""
@@ -336,6 +349,18 @@ class KVCacheManager:
         )
 
     # ---- helpers ---------------------------------------------------------------------
+
+    def _reserve(self, request_id: str, num_tokens: int, action: str) -> list[int]:
+        """Blocks for ``num_tokens`` tokens, all or nothing (``NoFreeBlocksError``)."""
+        need = _blocks_for(num_tokens, self.block_size)
+        try:
+            return self.pool.allocate(need)
+        except NoFreeBlocksError:
+            raise NoFreeBlocksError(
+                f"cannot reserve {need} blocks to {action} {num_tokens} tokens of "
+                f"{request_id!r}: {self.pool.num_free} of {self.pool.num_blocks} free "
+                f"on {self.tier}"
+            ) from None
 
     def _refcount_or_none(self, block_id: int) -> int | None:
         try:
