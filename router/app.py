@@ -391,6 +391,9 @@ class Router:
     async def _dispatch(self, rid: str, p: ParsedRequest) -> tuple[Route, asyncio.Queue]:
         """Wait in the admission MLFQ for a slot on a decode (or colocated) worker, then
         submit (504 after the timeout)."""
+        worker = self.admission.try_admit()
+        if worker is not None:  # submitted before any await: the next pick sees it
+            return self._route(worker, rid, p.prompt_token_ids, p.params, p.priority)
         try:
             worker, granted = await asyncio.wait_for(
                 self.admission.admit(len(p.prompt_token_ids), p.priority),

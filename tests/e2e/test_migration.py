@@ -206,12 +206,18 @@ def test_admin_bad_input_gets_a_clear_4xx(server):
 
 
 def test_drain_moves_50_running_requests_off_a_worker(server):
+    """Scale-down: 50 requests run on one decode worker (the other is drained first, so
+    dispatch skips it), then that worker is drained onto the other."""
     n, sample = 50, 5
     prompts = [f"drain request {i} of {n}" for i in range(n)]
     want = asyncio.run(_reference(server, prompts[:sample], 120))
 
     async def main():
         async with aiohttp.ClientSession() as s:
+            _, listing = await _admin(s, server, "GET", "/admin/workers")
+            target, spare = (w["address"] for w in listing["workers"])
+            status, _ = await _admin(s, server, "POST", f"/admin/drain/{spare}")
+            assert status == 202
             streams = [Stream() for _ in prompts]
             tasks = [
                 asyncio.create_task(st.run(s, server, _body(p, 120)))
@@ -219,16 +225,16 @@ def test_drain_moves_50_running_requests_off_a_worker(server):
             ]
             await _wait(lambda: all(len(st.tokens) >= 2 for st in streams), what="decoding")
             _, listing = await _admin(s, server, "GET", "/admin/workers")
-            busiest = max(listing["workers"], key=lambda w: len(w["requests"]))
-            on_it = len(busiest["requests"])
-            assert on_it >= 10, listing
-            status, started = await _admin(s, server, "POST", f"/admin/drain/{busiest['address']}")
+            on_it = {w["address"]: len(w["requests"]) for w in listing["workers"]}[target]
+            assert on_it == n, listing
+            await _admin(s, server, "DELETE", f"/admin/drain/{spare}")
+            status, started = await _admin(s, server, "POST", f"/admin/drain/{target}")
             assert status == 202 and started["draining"], started
             await asyncio.gather(*tasks)
-            status, state = await _admin(s, server, "GET", f"/admin/drain/{busiest['address']}")
+            status, state = await _admin(s, server, "GET", f"/admin/drain/{target}")
             assert status == 200 and state["remaining"] == 0
-            await _admin(s, server, "DELETE", f"/admin/drain/{busiest['address']}")
-            return streams, state, on_it, busiest["address"]
+            await _admin(s, server, "DELETE", f"/admin/drain/{target}")
+            return streams, state, on_it, target
 
     streams, state, on_it, drained = asyncio.run(main())
     for st in streams:
@@ -241,6 +247,26 @@ def test_drain_moves_50_running_requests_off_a_worker(server):
     m = _wait_no_blocks_used(server)
     assert m[f'tandem_worker_migrations_out_committed_total{{worker="{drained}"}}'] >= 1
     assert m[f'tandem_worker_kv_blocks_used{{worker="{drained}"}}'] == 0
+
+
+def test_a_burst_is_spread_over_the_decode_workers(server):
+    """Dispatch sees the requests it just placed: 20 at once split about evenly (it once
+    sent 49 of 50 to one worker, every choice reading the same in-flight counts)."""
+
+    async def main():
+        async with aiohttp.ClientSession() as s:
+            streams = [Stream() for _ in range(20)]
+            tasks = [
+                asyncio.create_task(st.run(s, server, _body(f"burst {i}", 60)))
+                for i, st in enumerate(streams)
+            ]
+            await _wait(lambda: all(len(st.tokens) >= 1 for st in streams), what="decoding")
+            _, listing = await _admin(s, server, "GET", "/admin/workers")
+            await asyncio.gather(*tasks)
+            return sorted(len(w["requests"]) for w in listing["workers"])
+
+    counts = asyncio.run(main())
+    assert len(counts) == 2 and counts[0] >= 7, counts
 
 
 def test_metrics_name_every_migration_figure(server):
