@@ -35,6 +35,7 @@ write into a block whose refcount is above 1) and a prefix cache.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -105,6 +106,10 @@ class KVCacheManager:
         self.tier = tier
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
+        # A stamp from one counter, renewed on every change of a request's table: equal
+        # stamps mean an identical table (consumers may cache per stamp; CUDA graphs do).
+        self._stamps: dict[str, int] = {}
+        self._stamp_counter = itertools.count(1)
         self._exports: dict[str, KVExport] = {}
         self._imports: dict[str, _PendingImport] = {}
 
@@ -168,7 +173,12 @@ class KVCacheManager:
                 f"{self.pool.num_free} of {self.pool.num_blocks} free on {self.tier}"
             ) from None
         self._tables.setdefault(request_id, []).extend(new_ids)
+        self._stamps[request_id] = next(self._stamp_counter)
         return new_ids
+
+    def table_stamp(self, request_id: str) -> int | None:
+        """The stamp of the request's current table (None without one); see ``__init__``."""
+        return self._stamps.get(request_id)
 
     def block_table(self, request_id: str) -> list[int]:
         """The request's block ids in token order (a copy); ``[]`` if it has no table."""
@@ -191,6 +201,7 @@ class KVCacheManager:
         only the transfer that owns them may end them.
         """
         table = self._tables.pop(request_id, None)
+        self._stamps.pop(request_id, None)
         if table:
             self.pool.free(table)
 
@@ -206,6 +217,7 @@ class KVCacheManager:
         self._check_id_free(child_id, f"fork {parent_id!r} into it")
         self.pool.incref(parent)
         self._tables[child_id] = list(parent)
+        self._stamps[child_id] = next(self._stamp_counter)
 
     # ---- export: blocks leave this tier ----------------------------------------------
 
@@ -233,6 +245,7 @@ class KVCacheManager:
                 f"its table holds only {len(table) * self.block_size}"
             )
         del self._tables[request_id]
+        self._stamps.pop(request_id, None)
         if keep < len(table):
             self.pool.free(table[keep:])
         exp = KVExport(request_id=request_id, block_ids=tuple(table[:keep]), num_tokens=num_tokens)
@@ -254,6 +267,7 @@ class KVCacheManager:
         self._check_id_free(export.request_id, "restore its export")
         del self._exports[export.request_id]
         self._tables[export.request_id] = list(export.block_ids)
+        self._stamps[export.request_id] = next(self._stamp_counter)
 
     def open_exports(self) -> list[KVExport]:
         return list(self._exports.values())
@@ -304,6 +318,7 @@ class KVCacheManager:
         assert request_id not in self._tables
         del self._imports[request_id]
         self._tables[request_id] = pending.block_ids
+        self._stamps[request_id] = next(self._stamp_counter)
         return list(pending.block_ids)
 
     def abort_import(self, request_id: str) -> None:

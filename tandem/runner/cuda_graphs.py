@@ -64,7 +64,7 @@ class DecodeGraphs:
         self._host = torch.zeros((4, n), dtype=torch.long).pin_memory()
         self._host_tables = torch.zeros((n, self.max_blocks_per_seq), dtype=torch.long).pin_memory()
         self._host_tables_np = self._host_tables.numpy()
-        self._row_keys: list[tuple[str, int] | None] = [None] * n
+        self._row_keys: list[int | None] = [None] * n
         self._dev = torch.zeros((4, n), **i64)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -138,15 +138,15 @@ class DecodeGraphs:
         self._host[:, :bucket] = torch.tensor(
             [ids, pos + [0] * pad, slots + [-1] * pad, lens + [0] * pad], dtype=torch.long
         )
-        # A row's table changes only when its request changes or grows by a block (every
-        # block_size tokens): rewrite only those rows (a 256 x 4k-token batch has 65k ids).
-        # Entries past a row's length are stale and never read (the kernel stops at seq_len).
+        # A row is rewritten only when its table's stamp differs from the one it holds (a
+        # new request in the row, a new block every block_size tokens, a swap or an import):
+        # a 256 x 4k-token batch has 65k ids. Entries past a row's length are stale and
+        # never read (the kernel stops at seq_len). No stamp: always rewritten.
         tables = self._host_tables_np
         for i, c in enumerate(chunks):
-            key = (c.request.request_id, len(c.block_table))
-            if self._row_keys[i] != key:
-                tables[i, : key[1]] = c.block_table
-                self._row_keys[i] = key
+            if c.table_stamp is None or self._row_keys[i] != c.table_stamp:
+                tables[i, : len(c.block_table)] = c.block_table
+                self._row_keys[i] = c.table_stamp
         dev = self._dev
         dev[:, :bucket].copy_(self._host[:, :bucket], non_blocking=True)
         self.input_ids[:bucket].copy_(dev[0, :bucket])

@@ -379,6 +379,7 @@ class Scheduler:
                 start_pos=start,
                 block_table=self.device_kv.block_table(req.request_id),
                 sample=start + n == req.num_tokens,
+                table_stamp=self.device_kv.table_stamp(req.request_id),
             )
         )
 

@@ -720,3 +720,24 @@ def test_extend_import_needs_a_pending_import_and_abort_frees_every_stage() -> N
     m.abort_import("r")
     assert m.num_free_blocks == 8 and m.pending_import_blocks("r") == 0
     assert m.audit().ok
+
+
+def test_table_stamp_changes_exactly_when_the_table_does():
+    from tandem.kvcache.manager import KVCacheManager
+
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    assert kv.table_stamp("a") is None
+    kv.allocate("a", 3)
+    first = kv.table_stamp("a")
+    kv.allocate("a", 4)  # still one block: same table, same stamp
+    assert kv.table_stamp("a") == first
+    kv.allocate("a", 5)
+    grown = kv.table_stamp("a")
+    assert grown != first
+    exp = kv.export("a", 5)
+    assert kv.table_stamp("a") is None
+    kv.restore_export(exp)
+    assert kv.table_stamp("a") not in (None, first, grown)
+    kv.free("a")
+    kv.allocate("a", 5)  # same length again, maybe other blocks: a new stamp
+    assert kv.table_stamp("a") not in (first, grown)
