@@ -15,6 +15,12 @@ A request's life in this process:
 Receiver callbacks run on the asyncio thread and are marshalled to the engine thread
 (``in_engine``), which alone touches the engine. Tokens of a request whose ``expect`` has
 not arrived yet (two different sockets) are buffered and flushed when it does.
+
+Live migration (with a ``kv_sender``): ``migrate`` from the router moves one of this
+worker's running requests to another decode worker in stages (``migration_out``); KV
+transfers whose id is a migration stage's are another worker's request arriving here
+(``migration_in``), adopted like a handoff once its final stage commits. ``unexpect``
+withdraws an ``expect`` of a migration the router gave up (no cancellation is remembered).
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ import logging
 import time
 from typing import Any
 
+from decode_worker.migration_in import MigrationIn
+from decode_worker.migration_out import MigrationOut
 from decode_worker.service import WorkerService, _Conn
 from tandem import protocol
+from tandem.migration import TransferId
 
 log = logging.getLogger("tandem.decode_worker")
 
@@ -32,10 +41,22 @@ EXPECT_TTL_S = 120.0  # an expectation whose KV never came (prefill fell back) i
 
 
 class DecodeWorkerService(WorkerService):
-    def __init__(self, engine: Any, kv_receiver_factory: Any, **kwargs: Any) -> None:
-        """``kv_receiver_factory(callbacks) -> KVReceiver`` (started in ``start``)."""
+    def __init__(
+        self,
+        engine: Any,
+        kv_receiver_factory: Any,
+        kv_sender: Any = None,
+        migration_lease_s: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
+        """``kv_receiver_factory(callbacks) -> KVReceiver`` (started in ``start``);
+        ``kv_sender``: a ``KVSender`` for migrating requests out (None: this worker only
+        receives). ``migration_lease_s``: how long an incoming migration's reservation
+        waits for its next stage."""
         super().__init__(engine, role="decode", **kwargs)
         self.kv_receiver = kv_receiver_factory(self)
+        self.migration_in = MigrationIn(self, migration_lease_s)
+        self.migration_out = MigrationOut(self, kv_sender) if kv_sender is not None else None
         self._expected: dict[str, tuple[_Conn, float]] = {}  # engine thread
         self._buffered: dict[str, list[list[Any]]] = {}
         self._buffered_at: dict[str, float] = {}
@@ -46,7 +67,12 @@ class DecodeWorkerService(WorkerService):
         return await super().start()
 
     def extra_hello(self) -> dict[str, Any]:
-        return {"kv_address": self.kv_address}
+        return {
+            "kv_address": self.kv_address,
+            "block_size": self.engine.config.cache.block_size,
+            "worker_id": self.worker_id,
+            "migration": self.migration_out is not None,
+        }
 
     @property
     def kv_address(self) -> str:
@@ -61,8 +87,17 @@ class DecodeWorkerService(WorkerService):
 
     # ------------------------------------------------------------------ router messages
     def on_message(self, conn: _Conn, msg: dict[str, Any]) -> None:
-        if msg.get("type") == "expect":
+        kind = msg.get("type")
+        if kind == "expect":
             self._post(lambda rid=str(msg["request_id"]): self._expect(conn, rid))
+        elif kind == "unexpect":
+            self._post(lambda rid=str(msg["request_id"]): self._unexpect(conn, rid))
+        elif kind == "migrate" and self.migration_out is not None:
+            self.migration_out.start(conn, msg)
+        elif kind == "migrate":
+            rid = msg.get("request_id")
+            fail = {"type": "migrate_failed", "request_id": rid, "error": "no KV sender here"}
+            self._post(lambda: self._send(conn, fail))
         else:
             super().on_message(conn, msg)
 
@@ -81,6 +116,13 @@ class DecodeWorkerService(WorkerService):
         self._expected[rid] = (conn, time.monotonic())
         self._gc()
 
+    def _unexpect(self, conn: _Conn, rid: str) -> None:
+        """The router gave up a migration to here: drop its expectation and reservation."""
+        expected = self._expected.get(rid)
+        if expected is not None and expected[0] is conn:
+            del self._expected[rid]
+        self.migration_in.cancel(rid)
+
     def _own(self, conn: _Conn, rid: str) -> None:
         self._owner[rid] = conn
         conn.requests.add(rid)
@@ -91,6 +133,9 @@ class DecodeWorkerService(WorkerService):
             if self._expected.pop(rid, None) is not None:
                 self._cancelled[rid] = now  # its KV may still be on the way
             self._buffered.pop(rid, None)
+            self.migration_in.cancel(rid)
+            if self.migration_out is not None:
+                self.migration_out.on_abort(rid)
         super()._abort(request_ids)
 
     def on_unowned(self, request_id: str, item: list[Any]) -> None:
@@ -120,9 +165,17 @@ class DecodeWorkerService(WorkerService):
     def after_step(self, outputs: list[Any]) -> None:
         if self._buffered_at:
             self._gc()
+        if self.migration_out is not None:
+            self.migration_out.after_step()
+
+    def on_tick(self) -> None:
+        self.migration_in.tick()
 
     # ------------------------------------------------------------------ KV receiver callbacks
     async def reserve(self, request_id: str, num_tokens: int) -> list[int]:
+        tid = TransferId.parse(request_id)
+        if tid is not None:
+            return await self.in_engine(lambda: self.migration_in.reserve(tid, num_tokens))
         return await self.in_engine(lambda: self._reserve(request_id, num_tokens))
 
     def _reserve(self, rid: str, num_tokens: int) -> list[int]:
@@ -133,20 +186,34 @@ class DecodeWorkerService(WorkerService):
     async def commit(
         self, request_id: str, block_ids: list[int], payload: Any, state: dict[str, Any]
     ) -> None:
-        await self.in_engine(lambda: self._commit(request_id, block_ids, payload, state))
+        tid = TransferId.parse(request_id)
+        if tid is not None:
+            fn = lambda: self.migration_in.commit(tid, block_ids, payload, state)  # noqa: E731
+        else:
+            fn = lambda: self._commit(request_id, block_ids, payload, state)  # noqa: E731
+        await self.in_engine(fn)
 
     def _commit(self, rid: str, block_ids: list[int], payload: Any, state: dict[str, Any]) -> None:
-        if rid in self._cancelled:
-            raise ValueError(f"request {rid!r} was aborted by the router")
-        expected = self._expected.get(rid)
-        if expected is not None and expected[0].closed:
-            raise ValueError(f"the router that expected {rid!r} is gone")
+        self.claimable(rid)
         request = protocol.request_from_state(state, time.monotonic())
         num_computed = int(state["num_computed_tokens"])
         self.engine.commit_import(
             request, block_ids, payload, num_computed, state.get("policy_state")
         )
-        self._expected.pop(rid, None)
+        self.adopt(rid)
+
+    def claimable(self, rid: str) -> None:
+        """Engine thread: ``ValueError`` unless a router may still want ``rid`` here."""
+        if rid in self._cancelled:
+            raise ValueError(f"request {rid!r} was aborted by the router")
+        expected = self._expected.get(rid)
+        if expected is not None and expected[0].closed:
+            raise ValueError(f"the router that expected {rid!r} is gone")
+
+    def adopt(self, rid: str) -> None:
+        """Engine thread: ``rid`` runs here now; its tokens go to the router that expects
+        it, or are buffered until that router's ``expect`` arrives."""
+        expected = self._expected.pop(rid, None)
         if expected is not None:
             self._own(expected[0], rid)
         else:
@@ -154,7 +221,11 @@ class DecodeWorkerService(WorkerService):
             self._buffered_at[rid] = time.monotonic()
 
     async def abort(self, request_id: str, block_ids: list[int]) -> None:
-        await self.in_engine(lambda: self.engine.abort_import(request_id))
+        tid = TransferId.parse(request_id)
+        if tid is not None:
+            await self.in_engine(lambda: self.migration_in.abort(tid))
+        else:
+            await self.in_engine(lambda: self.engine.abort_import(request_id))
 
     def stats(self) -> dict[str, Any]:
         s = super().stats()
@@ -164,9 +235,14 @@ class DecodeWorkerService(WorkerService):
             kv_in_failed=m.failed,
             kv_in_bytes=m.bytes,
             kv_in_seconds=m.seconds,
+            **self.migration_in.stats(),
         )
+        if self.migration_out is not None:
+            s.update(self.migration_out.as_stats())
         return s
 
     async def shutdown(self) -> None:
+        if self.migration_out is not None:
+            await self.migration_out.close()
         await self.kv_receiver.close()
         await super().shutdown()

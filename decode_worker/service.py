@@ -166,6 +166,9 @@ class WorkerService:
     def on_unowned(self, request_id: str, item: list[Any]) -> None:
         """Engine thread: tokens of a request no router connection owns (yet)."""
 
+    def on_tick(self) -> None:
+        """Engine thread, about once per ``STATS_PERIOD_S`` even when idle (expiries)."""
+
     async def in_engine(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread (which owns the engine) and await its result."""
         import concurrent.futures
@@ -241,6 +244,15 @@ class WorkerService:
                 if out is not None:
                     self._send(conn, {"type": "tokens", "items": [[rid, [], "abort", None, None]]})
 
+    def _lose(self, conn: _Conn, rid: str, why: str) -> None:
+        """Give the request up with a worker-lost error: the router re-runs it elsewhere."""
+        self._owner.pop(rid, None)
+        conn.requests.discard(rid)
+        self._send(
+            conn,
+            {"type": "tokens", "items": [[rid, [], None, f"{protocol.WORKER_LOST} {why}", None]]},
+        )
+
     def _engine_loop(self) -> None:
         """Owns the engine. It must not die quietly: a failing callback fails only its own
         request; if the loop itself breaks, the worker closes every connection so routers
@@ -307,6 +319,10 @@ class WorkerService:
         now = time.monotonic()
         if now - self._last_stats >= STATS_PERIOD_S:
             self._last_stats = now
+            try:
+                self.on_tick()
+            except Exception:
+                log.exception("on_tick failed")
             # Computed here, on the engine thread; the heartbeat publishes this copy.
             self.last_stats = self.stats()
             self._broadcast(self.last_stats)

@@ -102,15 +102,6 @@ class PrefillWorkerService(WorkerService):
             log.warning("cannot take %s back after a failed handoff: %s", rid, e)
             self._lose(conn, rid, f"handoff failed and no room to decode locally ({e})")
 
-    def _lose(self, conn: _Conn, rid: str, why: str) -> None:
-        """Give the request up with a worker-lost error: the router re-runs it elsewhere."""
-        self._owner.pop(rid, None)
-        conn.requests.discard(rid)
-        self._send(
-            conn,
-            {"type": "tokens", "items": [[rid, [], None, f"{protocol.WORKER_LOST} {why}", None]]},
-        )
-
     # ------------------------------------------------------------------ asyncio side
     async def _hand_off(self, rid: str, dest: str, bundle: KVBundle, exported: Any) -> None:
         maybe = False

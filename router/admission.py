@@ -23,6 +23,8 @@ from typing import Any
 from tandem.sched.cost_model import CostModel
 from tandem.sched.mlfq import MLFQPolicy
 
+DISPATCH = ("usage", "round-robin")
+
 
 class AdmissionQueue:
     def __init__(
@@ -30,10 +32,17 @@ class AdmissionQueue:
         workers: Callable[[], Sequence[Any]],
         cost_model: CostModel | None = None,
         num_levels: int = 8,
+        dispatch: str = "usage",
     ) -> None:
         """``workers()`` returns the current worker clients; each has ``connected``,
-        ``in_flight`` and ``hello`` (with ``max_num_seqs``)."""
+        ``in_flight`` and ``hello`` (with ``max_num_seqs``). ``dispatch``: ``usage`` picks
+        the lowest virtual usage; ``round-robin`` takes workers in turn (a deterministic
+        spread, for benchmarks that need a known skew)."""
+        if dispatch not in DISPATCH:
+            raise ValueError(f"dispatch must be one of {DISPATCH}, got {dispatch!r}")
         self._workers = workers
+        self.dispatch = dispatch
+        self._turn = 0
         self.mlfq = MLFQPolicy(cost_model or CostModel(), num_levels=num_levels)
         self._heap: list[tuple[int, int, int, asyncio.Future]] = []
         self._seq = itertools.count()
@@ -53,6 +62,7 @@ class AdmissionQueue:
         use over its capacity (from its stats) plus its share of occupied batch slots (the
         requests it holds or was granted, whose KV demand is still growing)."""
         best, best_usage = None, 0.0
+        free = []
         for w in self._workers():
             if not w.connected or w is exclude:
                 continue
@@ -61,11 +71,26 @@ class AdmissionQueue:
             used = w.in_flight + self._granted.get(id(w), 0)
             if used >= limit:
                 continue
+            free.append(w)
             kv_total = max(int(hello.get("kv_blocks") or 1), 1)
             usage = w.stats.get("kv_used", 0) / kv_total + used / limit
             if best is None or usage < best_usage:
                 best, best_usage = w, usage
+        if self.dispatch == "round-robin" and free:
+            self._turn += 1
+            return free[self._turn % len(free)]
         return best
+
+    def try_admit(self, exclude: Any = None) -> Any | None:
+        """A worker at once if nobody is queued and one has a free slot, else None.
+
+        Synchronous on purpose: a caller that submits before its next ``await`` makes the
+        slot visible (``in_flight``) to the next request's choice. Awaiting ``admit`` for
+        a burst instead let every request of the burst read the same ``in_flight`` and pick
+        the same worker (49 of 50 on one worker)."""
+        if self._heap:
+            return None
+        return self._free_worker(exclude)
 
     async def admit(
         self, num_prompt_tokens: int, priority: int = 0, exclude: Any = None

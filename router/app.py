@@ -13,8 +13,13 @@ A request's life here:
    worker, which frees its KV blocks within one iteration. A worker that dies ends its
    requests with an explicit error (an SSE error event, or HTTP 502).
 
+Live migration (``router.migration``): every request in flight is tracked as a
+``Flight`` (its route, decode worker and tokens so far); a move switches its owner
+without a gap in the stream; the rebalancer and drain pick what to move.
+
 Endpoints: POST /v1/completions, /v1/chat/completions, /generate; GET /v1/models,
-/health, /metrics.
+/health, /metrics; the admin endpoints of ``router.admin`` (/admin/migrate,
+/admin/drain/{worker}, /admin/workers).
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from typing import Any
 
 from aiohttp import web
 
-from router.admission import AdmissionQueue
+from router.admin import Admin
+from router.admission import DISPATCH, AdmissionQueue
 from router.metrics import RouterMetrics
+from router.migration import MigrationConfig, Migrator
 from router.openai_api import ApiError, ParsedRequest, parse_chat, parse_completion
 from router.workers import WORKER_LOST, InOrder, Route, WorkerClient
 from tandem import protocol
@@ -53,8 +60,14 @@ class RouterConfig:
     request_timeout: float = 600.0
     max_reruns: int = 2  # times a request is continued elsewhere after its worker died
     cost_model: str | None = None  # JSON CostModel for skip-join admission (default: generic)
+    migration: MigrationConfig = MigrationConfig()
+    dispatch: str = "usage"  # usage (lowest virtual usage) | round-robin
 
     def __post_init__(self) -> None:
+        if self.dispatch not in DISPATCH:
+            raise ValueError(
+                f"--dispatch must be one of {', '.join(DISPATCH)}, got {self.dispatch!r}"
+            )
         if not self.workers and not self.registry_url:
             raise ValueError(
                 "give worker addresses (--worker HOST:PORT) or a registry (--registry URL)"
@@ -68,13 +81,18 @@ class Router:
         self.config = config
         self.tokenizer = FastTokenizer(config.model_dir)
         self.special_ids = special_token_ids(self.tokenizer)
-        self.workers = [WorkerClient(a) for a in config.workers]
         self.registry = make_registry(config.registry_url) if config.registry_url else None
         cost = CostModel.load(config.cost_model) if config.cost_model else None
         self.admission = AdmissionQueue(
-            lambda: [w for w in self.workers if w.role != "prefill"], cost_model=cost
+            lambda: [w for w in self.workers if w.role != "prefill" and not w.draining],
+            cost_model=cost,
+            dispatch=config.dispatch,
         )
         self.metrics = RouterMetrics()
+        self.migrator = Migrator(
+            config.migration, lambda: self.workers, self.metrics, self.admission.wake
+        )
+        self.workers = [self._client(a) for a in config.workers]
         self.in_flight = 0
         self._ids = itertools.count()
 
@@ -84,6 +102,7 @@ class Router:
         self._static = {w.address for w in self.workers}
         self._connecting: set[str] = set()
         self._tasks = [asyncio.create_task(self._keep_connected())]
+        self.migrator.start_background()
         if self.registry is not None:
             await self._sync_registry()
             self._tasks.append(asyncio.create_task(self._watch_registry()))
@@ -91,6 +110,7 @@ class Router:
     async def stop(self, app: web.Application) -> None:
         for t in self._tasks:
             t.cancel()
+        await self.migrator.close()
         for w in self.workers:
             await w.close()
         if self.registry is not None:
@@ -110,7 +130,7 @@ class Router:
         live = {i.address for i in await self.registry.workers()}  # prefill, decode, colocated
         known = {w.address for w in self.workers}
         for address in live - known:
-            client = WorkerClient(address)
+            client = self._client(address)
             self.workers.append(client)
             asyncio.create_task(self._connect_quietly(client))
         for w in [
@@ -118,6 +138,11 @@ class Router:
         ]:
             self.workers.remove(w)
             await w.close()  # its in-flight requests are re-run on the others
+
+    def _client(self, address: str) -> WorkerClient:
+        client = WorkerClient(address)
+        client.listener = self.migrator.on_reply
+        return client
 
     async def _connect_quietly(self, client: WorkerClient, timeout: float = 10.0) -> None:
         """One connection attempt; failures are retried by ``_keep_connected``."""
@@ -160,6 +185,7 @@ class Router:
             web.get("/v1/models", self.models),
             web.get("/health", self.health),
             web.get("/metrics", self.metrics_endpoint),
+            *Admin(self.migrator).routes(),
         ]
 
     async def health(self, request: web.Request) -> web.Response:
@@ -237,6 +263,9 @@ class Router:
         except ApiError as e:
             self.metrics.requests["error"] += 1
             return _error(e)
+        flight = self.migrator.track(
+            rid, wire, worker, len(p.prompt_token_ids), p.params.max_tokens
+        )
         detok = IncrementalDetokenizer(
             self.tokenizer,
             p.prompt_token_ids,
@@ -285,6 +314,7 @@ class Router:
                 ):
                     new_wire = f"{rid}~{reruns + 1}"
                     worker, queue = self._rerun(wire, new_wire, p, out_ids, worker)
+                    self.migrator.retrack(flight, new_wire, worker)
                     wire = new_wire
                     reruns += 1
                     order.restart(len(out_ids))
@@ -299,6 +329,7 @@ class Router:
                     )
                     raise ApiError(status, error)
                 out_ids.extend(new_ids)
+                flight.n_out = len(out_ids)
                 if new_ids and first_at is None:
                     first_at = time.monotonic()
                     self.metrics.ttft.observe(first_at - start)
@@ -342,22 +373,27 @@ class Router:
             worker.abort(wire)  # the client went away: free the request everywhere
             raise
         finally:
-            self._end(worker, wire, outcome)
+            self._end(worker, rid, wire, outcome)
 
-    def _end(self, worker: Route, wire: str, outcome: str) -> None:
+    def _end(self, worker: Route, rid: str, wire: str, outcome: str) -> None:
         """A request's stream is over (any outcome): free it at its workers, let the
         admission queue move, count the outcome."""
         if len(worker.clients) > 1:
-            # Prefill + decode: tell both it is over (the decode worker may still hold
-            # an expectation if the request finished on its first token).
+            # Prefill + decode (+ a migration's destination): tell all it is over (the
+            # decode worker may still hold an expectation if the request finished on its
+            # first token).
             worker.abort(wire)
         worker.release(wire)
+        self.migrator.untrack(rid)
         self.admission.wake()
         self.metrics.requests[outcome] += 1
 
     async def _dispatch(self, rid: str, p: ParsedRequest) -> tuple[Route, asyncio.Queue]:
         """Wait in the admission MLFQ for a slot on a decode (or colocated) worker, then
         submit (504 after the timeout)."""
+        worker = self.admission.try_admit()
+        if worker is not None:  # submitted before any await: the next pick sees it
+            return self._route(worker, rid, p.prompt_token_ids, p.params, p.priority)
         try:
             worker, granted = await asyncio.wait_for(
                 self.admission.admit(len(p.prompt_token_ids), p.priority),
@@ -408,11 +444,10 @@ class Router:
         """
         dead.abort(old_wire)  # whichever part of the old route survived lets go of it
         dead.release(old_wire)
-        candidates = [
-            w for w in self.workers if w.connected and w.role != "prefill" and w not in dead.clients
+        serving = [
+            w for w in self.workers if w.connected and w.role != "prefill" and not w.draining
         ]
-        if not candidates:
-            candidates = [w for w in self.workers if w.connected and w.role != "prefill"]
+        candidates = [w for w in serving if w not in dead.clients] or serving
         if not candidates:
             raise ApiError(502, f"worker lost and no other worker is available for {old_wire}")
         worker = min(candidates, key=lambda w: w.in_flight)
@@ -538,6 +573,7 @@ class Router:
         except ApiError as e:
             self.metrics.requests["error"] += 1
             return _error(e)
+        flight = self.migrator.track(rid, rid, worker, len(p.prompt_token_ids), p.params.max_tokens)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         outcome = "abort"
         try:
@@ -561,6 +597,7 @@ class Router:
                     outcome = "error"
                     await _sse(response, {"error": {"message": error}})
                     break
+                flight.n_out += len(new_ids)
                 await _sse(response, {"token_ids": new_ids, "finish_reason": reason})
                 if reason is not None:
                     outcome = reason if reason in ("stop", "length") else "abort"
@@ -571,7 +608,7 @@ class Router:
             worker.abort(rid)
             raise
         finally:
-            self._end(worker, rid, outcome)
+            self._end(worker, rid, rid, outcome)
 
 
 async def _json(request: web.Request) -> Any:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+SHORT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+BLOCK_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 
 
 class Histogram:
@@ -47,6 +49,25 @@ class RouterMetrics:
             "tandem_request_tpot_seconds", "Time per output token after the first"
         )
         self.e2e = Histogram("tandem_request_e2e_seconds", "End-to-end request latency (JCT)")
+        self.migrations = defaultdict(int)  # started / committed / aborted
+        self.migration_seconds = Histogram(
+            "tandem_migration_seconds", "Seconds per committed migration (first stage to DONE)"
+        )
+        self.migration_downtime = Histogram(
+            "tandem_migration_downtime_seconds",
+            "Seconds a migrated request was out of every batch (stop-and-copy to DONE)",
+            SHORT_BUCKETS,
+        )
+        self.migration_blocks = Histogram(
+            "tandem_migration_blocks", "KV blocks moved per committed migration", BLOCK_BUCKETS
+        )
+
+    def observe_migration(self, msg: dict) -> None:
+        """A committed migration's figures (the source's ``migrated`` message)."""
+        self.migrations["committed"] += 1
+        self.migration_seconds.observe(float(msg.get("seconds") or 0.0))
+        self.migration_downtime.observe(float(msg.get("downtime_s") or 0.0))
+        self.migration_blocks.observe(float(msg.get("blocks") or 0))
 
     def render(self, workers: dict[str, dict], queue_lengths: dict[int, int] | None = None) -> str:
         lines = [
@@ -64,7 +85,16 @@ class RouterMetrics:
             "# TYPE tandem_router_reruns_total counter",
             f"tandem_router_reruns_total {self.reruns}",
         ]
-        for h in (self.ttft, self.tpot, self.e2e):
+        lines += [
+            "# HELP tandem_router_migrations_total Live migrations by outcome",
+            "# TYPE tandem_router_migrations_total counter",
+        ]
+        for outcome in ("started", "committed", "aborted"):
+            lines.append(
+                f'tandem_router_migrations_total{{outcome="{outcome}"}} {self.migrations[outcome]}'
+            )
+        for h in (self.ttft, self.tpot, self.e2e, self.migration_seconds,
+                  self.migration_downtime, self.migration_blocks):  # fmt: skip
             lines += h.render()
         lines += [
             "# HELP tandem_router_queue_length Requests waiting for admission, per MLFQ level",
@@ -127,6 +157,46 @@ class RouterMetrics:
             "kv_in_seconds": (
                 "tandem_worker_kv_handoff_seconds_total",
                 "KV handoff seconds (offer to done)",
+            ),
+            "migrations_out_started": (
+                "tandem_worker_migrations_out_started_total",
+                "Migrations started from this worker (source)",
+            ),
+            "migrations_out_committed": (
+                "tandem_worker_migrations_out_committed_total",
+                "Migrations from this worker that committed at the destination",
+            ),
+            "migrations_out_aborted": (
+                "tandem_worker_migrations_out_aborted_total",
+                "Migrations from this worker that aborted (the request stayed here)",
+            ),
+            "migration_blocks": (
+                "tandem_worker_migration_blocks_total",
+                "KV blocks sent by committed migrations",
+            ),
+            "migration_seconds": (
+                "tandem_worker_migration_seconds_total",
+                "Seconds of committed migrations (first stage to DONE)",
+            ),
+            "migration_downtime_seconds": (
+                "tandem_worker_migration_downtime_seconds_total",
+                "Seconds migrated requests were out of every batch",
+            ),
+            "migrations_in_committed": (
+                "tandem_worker_migrations_in_committed_total",
+                "Migrations received and resumed here (destination)",
+            ),
+            "migrations_in_aborted": (
+                "tandem_worker_migrations_in_aborted_total",
+                "Incoming migrations aborted here, their reservation freed",
+            ),
+            "migrations_in_expired": (
+                "tandem_worker_migrations_in_expired_total",
+                "Incoming migrations freed because their source went silent",
+            ),
+            "migration_reserved_blocks": (
+                "tandem_worker_migration_reserved_blocks",
+                "KV blocks held for incoming migrations in progress",
             ),
             "queued_prefill_tokens": (
                 "tandem_worker_queued_prefill_tokens",

@@ -2,7 +2,13 @@
 
 One persistent TCP connection per worker. A reader task routes each ``tokens`` item to
 the queue of its request and keeps the worker's latest ``stats``. If the connection
-drops, every request in flight on it gets an error item, so no stream hangs.
+drops, every request in flight on it gets an error item, so no stream hangs — except a
+request only expected here as a migration's destination (``expect_migration``): it still
+runs on its source, whose migration then fails and keeps it.
+
+Migration replies (``migrated``, ``migrate_failed``) go to ``listener(client, msg)``;
+``migrated`` first drops the request's queue here, as ``handoff`` does: every token this
+worker sent for it came before the reply on this socket.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tandem import protocol
@@ -33,6 +40,9 @@ class WorkerClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._queues: dict[str, asyncio.Queue] = {}
+        self._incoming: set[str] = set()  # expected as a migration destination, not yet moved
+        self.listener: Callable[[WorkerClient, dict[str, Any]], None] | None = None
+        self.draining = False  # set by the router: no new requests, migrate everything off
 
     @property
     def connected(self) -> bool:
@@ -90,13 +100,37 @@ class WorkerClient:
         self._queues[request_id] = q
         self._writer.write(protocol.encode({"type": "expect", "request_id": request_id}))
 
+    def expect_migration(self, request_id: str, q: asyncio.Queue) -> None:
+        """``expect`` for a migration's destination: until ``migration_landed`` the request
+        is not lost if this worker is."""
+        self.expect(request_id, q)
+        self._incoming.add(request_id)
+
+    def migration_landed(self, request_id: str) -> None:
+        self._incoming.discard(request_id)
+
+    def queue_of(self, request_id: str) -> asyncio.Queue | None:
+        return self._queues.get(request_id)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self._writer is None:
+            raise ConnectionError(f"worker {self.address} is not connected")
+        self._writer.write(protocol.encode(msg))
+
+    def unexpect(self, request_id: str) -> None:
+        """Withdraw a migration's ``expect`` (the migration failed; the request lives on)."""
+        self.release(request_id)
+        if self._writer is not None:
+            self._writer.write(protocol.encode({"type": "unexpect", "request_id": request_id}))
+
     def abort(self, request_id: str) -> None:
-        self._queues.pop(request_id, None)
+        self.release(request_id)
         if self._writer is not None:
             self._writer.write(protocol.encode(protocol.abort([request_id])))
 
     def release(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
+        self._incoming.discard(request_id)
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -111,19 +145,28 @@ class WorkerClient:
                                 self._queues.pop(item[0], None)
                 elif msg["type"] == "stats":
                     self.stats = msg
-                elif msg["type"] == "handoff":
-                    # The request now lives on its decode worker; nothing more comes from here.
+                elif msg["type"] in ("handoff", "migrated"):
+                    # The request now lives on another worker; nothing more comes from here.
                     self._queues.pop(msg["request_id"], None)
+                    if msg["type"] == "migrated" and self.listener is not None:
+                        self.listener(self, msg)
+                elif msg["type"] == "migrate_failed" and self.listener is not None:
+                    self.listener(self, msg)
         except (asyncio.IncompleteReadError, ConnectionError, protocol.ProtocolError) as e:
             log.warning("lost worker %s: %s", self.address, e)
         finally:
             self._writer = None
             self.hello = None
             for rid, q in list(self._queues.items()):
-                q.put_nowait(
-                    [rid, [], None, f"{WORKER_LOST} worker {self.address} disconnected", None]
-                )
+                if rid not in self._incoming:
+                    q.put_nowait(lost_item(rid, self.address))
             self._queues.clear()
+            self._incoming.clear()
+
+
+def lost_item(request_id: str, address: str) -> list:
+    """The error item that ends (or re-runs) a request whose worker went away."""
+    return [request_id, [], None, f"{WORKER_LOST} worker {address} disconnected", None]
 
 
 class Route:
@@ -144,6 +187,15 @@ class Route:
     def release(self, request_id: str) -> None:
         for c in self.clients:
             c.release(request_id)
+
+    def add(self, client: WorkerClient) -> None:
+        """A migration's destination joins: aborts reach it too while the move is on."""
+        if client not in self.clients:
+            self.clients.append(client)
+
+    def remove(self, client: WorkerClient) -> None:
+        if client in self.clients:
+            self.clients.remove(client)
 
 
 class InOrder:

@@ -21,7 +21,10 @@ from collections.abc import Sequence
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", default=None, help="Hugging Face model folder (default: the bundled tiny model)"
+        "--model",
+        default=None,
+        help="Hugging Face model folder, or random:NAME for a well-known architecture with "
+        "random weights (e.g. random:llama-3-8b; benchmarks) (default: the bundled tiny model)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -66,6 +69,19 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cost-model", default=None, help="cost model JSON (default: profile at start-up)"
     )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="on CUDA without --kv-blocks: fraction of GPU memory for weights + KV (default: 0.9)",
+    )
+    p.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="attention kernels: auto = triton on CUDA, torch reference on CPU (default: auto)",
+    )
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode batches")
 
 
 def _add_http_args(p: argparse.ArgumentParser) -> None:
@@ -77,6 +93,50 @@ def _add_http_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-in-flight", type=int, default=4096, help="requests in flight before 429")
     p.add_argument(
         "--request-timeout", type=float, default=600.0, help="seconds before a request fails (504)"
+    )
+
+
+def _add_migration_args(p: argparse.ArgumentParser) -> None:
+    """The router's live-migration flags (``router.migration.MigrationConfig``)."""
+    p.add_argument(
+        "--migration",
+        default="off",
+        choices=["off", "manual", "balanced"],
+        help="live migration between decode workers: off; manual (admin endpoints only: "
+        "/admin/migrate, /admin/drain/WORKER); balanced (also a rebalancer that moves "
+        "requests from the most to the least loaded worker) (default: off)",
+    )
+    p.add_argument(
+        "--migration-interval",
+        type=float,
+        default=0.5,
+        help="seconds between two rebalancer decisions (default: 0.5)",
+    )
+    p.add_argument(
+        "--migration-min-gap",
+        type=float,
+        default=0.1,
+        help="rebalance only when the virtual usage (KV demand over capacity) of the most "
+        "and least loaded decode workers differs by at least this (default: 0.1)",
+    )
+    p.add_argument(
+        "--migration-final-blocks",
+        type=int,
+        default=2,
+        help="stop-and-copy once at most this many KV blocks are left to send (default: 2)",
+    )
+    p.add_argument(
+        "--migration-max-stages",
+        type=int,
+        default=8,
+        help="stages per migration at most, the final stop-and-copy included (default: 8)",
+    )
+    p.add_argument(
+        "--dispatch",
+        default="usage",
+        choices=["usage", "round-robin"],
+        help="how new requests pick a decode worker: lowest virtual usage, or in turn "
+        "(a known spread for benchmarks) (default: usage)",
     )
 
 
@@ -103,10 +163,20 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_migration_lease_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--migration-lease",
+        type=float,
+        default=10.0,
+        help="seconds a decode worker keeps the blocks of an incoming migration whose "
+        "source went silent between stages (default: 10)",
+    )
+
+
 _ENGINE_FLAGS = (
     "model", "device", "dtype", "seed", "block_size", "kv_blocks", "host_kv_blocks", "host_kv_gib",
     "swap_watermark", "max_num_seqs", "max_num_batched_tokens", "policy", "max_model_len",
-    "cost_model",
+    "cost_model", "gpu_memory_utilization", "attention_backend",
 )  # fmt: skip
 
 
@@ -157,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="disaggregated: how KV moves from prefill to decode workers; auto = nccl when "
         "every worker is on a GPU and no GPU has both kinds, else tcp (default: auto)",
     )
+    _add_migration_args(p)
+    _add_migration_lease_arg(p)
 
     p = sub.add_parser("router", help="the HTTP front end (no torch)")
     p.add_argument("--model", default=None, help="model folder (tokenizer, chat template)")
@@ -172,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cost-model", default=None, help="cost model JSON for skip-join admission")
     _add_http_args(p)
+    _add_migration_args(p)
 
     for name, help_text in (
         ("decode-worker", "a decode worker (receives KV from prefill workers), or --colocated"),
@@ -193,16 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
                 default=30.0,
                 help="seconds a KV reservation waits for its bytes",
             )
-        else:
-            p.add_argument(
-                "--kv-timeout", type=float, default=30.0, help="seconds a KV handoff may take"
-            )
+            _add_migration_lease_arg(p)
+        p.add_argument(
+            "--kv-timeout",
+            type=float,
+            default=30.0,
+            help="seconds a KV transfer (handoff, migration stage) may take",
+        )
         p.add_argument(
             "--kv-transfer",
             default="tcp",
             choices=["tcp", "nccl"],
-            help="KV handoff backend, the same on prefill and decode workers; nccl needs "
-            "--device cuda[:N] and CuPy (default: tcp)",
+            help="KV transfer backend (handoff, migration), the same on every worker; nccl "
+            "needs --device cuda[:N] and CuPy (default: tcp)",
         )
 
     sub.add_parser(
@@ -263,9 +339,16 @@ def _profile_cost_model(args: argparse.Namespace, parser: argparse.ArgumentParse
     return 0
 
 
-def _engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+def _engine_config(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, size_gpu_kv: bool = True
+):
+    """The engine config from the flags. ``size_gpu_kv=False`` (a parent that only
+    validates and spawns workers): no CUDA probe; each worker sizes its own KV tier."""
     from tandem.engine.llm import build_engine_config
 
+    kv_blocks = args.kv_blocks
+    if kv_blocks is None and not size_gpu_kv and args.device.startswith("cuda"):
+        kv_blocks = 16  # placeholder, never used: the workers get --kv-blocks only if given
     try:
         return build_engine_config(
             model=args.model,
@@ -273,7 +356,7 @@ def _engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
             dtype=args.dtype,
             seed=args.seed,
             block_size=args.block_size,
-            kv_blocks=args.kv_blocks,
+            kv_blocks=kv_blocks,
             host_kv_blocks=args.host_kv_blocks,
             host_kv_gib=args.host_kv_gib,
             swap_watermark=args.swap_watermark,
@@ -284,6 +367,9 @@ def _engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
             policy=args.policy,
             max_model_len=args.max_model_len,
             cost_model=args.cost_model,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            attention=args.attention_backend,
+            cuda_graphs=not args.enforce_eager,
         )
     except (ValueError, OSError) as e:
         parser.error(str(e))
@@ -334,6 +420,10 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     if args.fake_engine and prefill:
         parser.error("--fake-engine runs colocated only (it has no KV to hand off)")
     kv_options = {"device": config.device} if config and args.kv_transfer == "nccl" else {}
+    if not args.kv_timeout > 0:
+        parser.error(f"--kv-timeout must be > 0, got {args.kv_timeout}")
+    if not prefill and not args.migration_lease > 0:
+        parser.error(f"--migration-lease must be > 0, got {args.migration_lease}")
 
     async def run() -> None:
         if prefill:
@@ -351,7 +441,7 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             service = WorkerService(engine, role="colocated", **common)
         else:
             from decode_worker.disagg import DecodeWorkerService
-            from kvtransfer import make_receiver
+            from kvtransfer import make_receiver, make_sender
 
             def receiver(callbacks):
                 try:
@@ -367,7 +457,16 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                 except RuntimeError as e:  # nccl without CuPy
                     parser.error(f"--kv-transfer {args.kv_transfer}: {e}")
 
-            service = DecodeWorkerService(engine, kv_receiver_factory=receiver, **common)
+            service = DecodeWorkerService(
+                engine,
+                kv_receiver_factory=receiver,
+                # Migrations out use the same backend as the handoffs in (nccl on GPUs).
+                kv_sender=make_sender(
+                    args.kv_transfer, engine.compat_hash, timeout_s=args.kv_timeout, **kv_options
+                ),
+                migration_lease_s=args.migration_lease,
+                **common,
+            )
         port = await service.start()
         print(f"TANDEM_WORKER_READY {args.host}:{port}", flush=True)
         try:
@@ -405,6 +504,12 @@ def _router(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from tandem.tinymodel import default_model_dir
 
         model = str(default_model_dir())
+    from tandem.random_model import resolve_model
+
+    try:
+        model = resolve_model(model)
+    except ValueError as e:
+        parser.error(f"--model: {e}")
     _run_router(model, args.worker, args, parser)
     return 0
 
@@ -417,8 +522,16 @@ def _run_router(
     from aiohttp import web
 
     from router.app import RouterConfig, build_app
+    from router.migration import MigrationConfig
 
     try:
+        migration = MigrationConfig(
+            mode=args.migration,
+            interval_s=args.migration_interval,
+            min_gap=args.migration_min_gap,
+            final_blocks=args.migration_final_blocks,
+            max_stages=args.migration_max_stages,
+        )
         config = RouterConfig(
             model_dir=model,
             served_model_name=args.served_model_name or Path(model).name,
@@ -427,6 +540,8 @@ def _run_router(
             cost_model=getattr(args, "cost_model", None),
             max_in_flight=args.max_in_flight,
             request_timeout=args.request_timeout,
+            migration=migration,
+            dispatch=args.dispatch,
         )
         app = build_app(config)
     except (ValueError, OSError) as e:
@@ -447,7 +562,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import socket
     import subprocess
 
-    config = _engine_config(args, parser)  # validates flags and resolves the default model
+    # Validates flags and resolves the default (or random:NAME) model folder.
+    config = _engine_config(args, parser, size_gpu_kv=False)
     if (args.prefill_workers > 0) != (args.decode_workers > 0):
         parser.error("--prefill-workers and --decode-workers go together (both >= 1)")
     if args.prefill_workers < 0 or args.decode_workers < 0:
@@ -465,6 +581,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     except ValueError as e:
         parser.error(str(e))
+    if not args.migration_lease > 0:
+        parser.error(f"--migration-lease must be > 0, got {args.migration_lease}")
 
     def free_port() -> int:
         with socket.socket() as sock:
@@ -480,10 +598,13 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         engine_flags.append("--no-chunked-prefill")
     if args.swap_int8:
         engine_flags.append("--swap-int8")
+    if args.enforce_eager:
+        engine_flags.append("--enforce-eager")
     if args.decode_workers:
         kv = ["--kv-transfer", placement.kv_transfer]
+        lease = ["--migration-lease", str(args.migration_lease)]
         roles = [("prefill-worker", ["--device", d, *kv]) for d in placement.prefill] + [
-            ("decode-worker", ["--device", d, *kv]) for d in placement.decode
+            ("decode-worker", ["--device", d, *kv, *lease]) for d in placement.decode
         ]
     else:
         roles = [("decode-worker", ["--colocated", "--device", placement.decode[0]])]

@@ -26,6 +26,7 @@ SUPPORTED_ARCHITECTURES = (
 )
 
 DTYPES = ("float32", "float16", "bfloat16")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -106,6 +107,13 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings, layers, norms, LM head unless tied)."""
+        h, i = self.hidden_size, self.intermediate_size
+        layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + self.num_layers * layer + h + head
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -300,8 +308,16 @@ class EngineConfig:
     # JSON file of CostModel coefficients; None = profile at start-up when the policy
     # needs one (mlfq, alise).
     cost_model_path: str | None = None
+    # Attention backend: "auto" = triton on CUDA when it imports, else torch.
+    attention: str = "auto"
+    # Capture decode batches in CUDA graphs (CUDA with the triton backend only).
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
+        _require(
+            self.attention in ATTENTION_BACKENDS,
+            f"attention backend must be one of {ATTENTION_BACKENDS}, got {self.attention!r}",
+        )
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _require(
             self.device.split(":")[0] in ("cpu", "cuda"),

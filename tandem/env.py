@@ -6,6 +6,13 @@ from the environment is visible here and nowhere else.
 - ``TANDEM_CACHE_DIR``: where generated artefacts (the bundled tiny model) live.
   Default: ``$XDG_CACHE_HOME/tandem`` or ``~/.cache/tandem``.
 - ``TANDEM_LOG_LEVEL``: logging level name for services and the CLI. Default ``INFO``.
+- ``TANDEM_TRITON``: ``0`` turns the Triton kernels off on CUDA (the torch reference
+  attention and ops run instead); default on.
+- ``TANDEM_CUDA_GRAPHS``: ``0`` turns CUDA-graph decode off; default on (CUDA only).
+- ``TANDEM_MIGRATION_FAULTS``: ``1`` lets ``POST /admin/migrate`` carry a ``fault``
+  (``source:first|middle|final``, ``dest:first|middle|final|commit``) that makes that
+  migration abort at that point. Test only; off by default, and then a ``fault`` gets a 400.
+  Read by the router and by the decode workers (``tandem serve`` passes it to both).
 - Container settings (``tandem.container``, the Docker images' entrypoint; each becomes a
   flag of the service, and a flag given on the command line wins): ``TANDEM_MODEL``
   (--model), ``TANDEM_REGISTRY`` (--registry), ``TANDEM_HOST`` (--host), ``TANDEM_PORT``
@@ -39,6 +46,21 @@ def log_level() -> str:
     return os.environ.get("TANDEM_LOG_LEVEL", "INFO").upper()
 
 
+def triton_enabled() -> bool:
+    """``TANDEM_TRITON`` is not ``0``."""
+    return os.environ.get("TANDEM_TRITON", "1") != "0"
+
+
+def cuda_graphs_enabled() -> bool:
+    """``TANDEM_CUDA_GRAPHS`` is not ``0``."""
+    return os.environ.get("TANDEM_CUDA_GRAPHS", "1") != "0"
+
+
 def container_settings() -> dict[str, str]:
     """Every ``TANDEM_*`` variable, for the container entrypoint and healthcheck."""
     return {k: v for k, v in os.environ.items() if k.startswith("TANDEM_")}
+
+
+def migration_faults_enabled() -> bool:
+    """Whether injected migration faults are allowed (tests only)."""
+    return os.environ.get("TANDEM_MIGRATION_FAULTS", "") == "1"

@@ -8,6 +8,10 @@ iteration's new K/V are written at ``slot_mapping`` (slot = block_id * block_siz
 offset). Query i attends key j iff ``j <= i`` (causal) and, with a sliding window W,
 ``j > i - W``. So prefill, chunked prefill over a cached prefix, and decode are one
 rule with different q_len.
+
+Backends that run on the device (Triton) also read the ``DeviceMeta`` tensors: the same
+facts as int32 tensors on the device, plus which sequences decode (q_len == 1) and which
+prefill. A CUDA-graph batch fills them into static buffers and fixes the decode split.
 """
 
 from __future__ import annotations
@@ -19,6 +23,18 @@ import torch
 
 
 @dataclass
+class DeviceMeta:
+    seq_lens: torch.Tensor  # [S] int32
+    query_start: torch.Tensor  # [S+1] int32
+    decode_idx: torch.Tensor  # [n_decode] int32: sequences with q_len == 1
+    prefill_idx: torch.Tensor  # [n_prefill] int32: sequences with q_len > 1
+    max_query_len: int
+    max_seq_len: int  # bound on seq_lens (a graph batch: the longest it may attend)
+    decode_partition: int | None = None  # fixed split for graphs; None = backend picks
+    decode_splits: int | None = None
+
+
+@dataclass
 class AttentionMetadata:
     query_start_loc: list[int]  # [S+1] host ints; query_start_loc[-1] == T
     seq_lens: list[int]  # [S] context length after this iteration's tokens
@@ -26,6 +42,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64
     block_size: int
     sliding_window: int | None = None
+    device: DeviceMeta | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 from tandem.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, kv_block_bytes
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.outputs import RequestOutput
+from tandem.random_model import resolve_model
 from tandem.request import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -132,19 +133,33 @@ def build_engine_config(
     cost_model: str | None = None,
     mlfq_q0: float | None = None,
     starvation_limit: float = 60.0,
+    gpu_memory_utilization: float = 0.9,
+    attention: str = "auto",
+    cuda_graphs: bool = True,
 ) -> EngineConfig:
     """The engine configuration the offline API and the workers share (model=None: bundled).
 
     The host tier is sized by ``host_kv_blocks`` or by ``host_kv_gib`` (not both): GiB of
-    host memory over the bytes of one host block (int8 blocks are smaller).
+    host memory over the bytes of one host block (int8 blocks are smaller). ``model`` may
+    be ``random:NAME`` (``tandem.random_model``). On CUDA without ``kv_blocks``, the device
+    tier takes ``gpu_memory_utilization`` of the GPU's memory less the weights and a
+    working reserve (measured now, so call this in the process that will use the GPU).
     """
     if model is None:
         from tandem.tinymodel import default_model_dir
 
         model = default_model_dir()
-    model = str(model)
+    model = resolve_model(str(model), seed)
+    if not 0.0 < gpu_memory_utilization <= 1.0:
+        raise ValueError(
+            f"gpu_memory_utilization (--gpu-memory-utilization) must be in (0, 1], got {gpu_memory_utilization}"
+        )
     if kv_blocks is None:
-        kv_blocks = _auto_kv_blocks(model, dtype, block_size)
+        kv_blocks = (
+            _auto_gpu_kv_blocks(model, dtype, block_size, device, gpu_memory_utilization)
+            if device.startswith("cuda")
+            else _auto_kv_blocks(model, dtype, block_size)
+        )
     if host_kv_gib is not None:
         if host_kv_blocks:
             raise ValueError("give host_kv_blocks (--host-kv-blocks) or host_kv_gib, not both")
@@ -174,12 +189,36 @@ def build_engine_config(
             starvation_limit=starvation_limit,
         ),
         cost_model_path=cost_model,
+        attention=attention,
+        cuda_graphs=cuda_graphs,
     )
 
 
 def _auto_kv_blocks(model: str, dtype: str, block_size: int) -> int:
     per_block = kv_block_bytes(ModelConfig.from_pretrained(model), dtype, block_size)
     return max(16, DEFAULT_CPU_KV_BYTES // per_block)
+
+
+# Activations, logits, sampler scratch, CUDA graph pools and allocator slack.
+GPU_WORKING_RESERVE_BYTES = 3 * 2**30
+
+
+def _auto_gpu_kv_blocks(
+    model: str, dtype: str, block_size: int, device: str, utilization: float
+) -> int:
+    import torch
+
+    cfg = ModelConfig.from_pretrained(model)
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    weights = cfg.num_params() * (4 if dtype == "float32" else 2)
+    budget = min(free, total * utilization) - weights - GPU_WORKING_RESERVE_BYTES
+    blocks = int(budget // kv_block_bytes(cfg, dtype, block_size))
+    if blocks < 16:
+        raise ValueError(
+            f"not enough GPU memory on {device} for the KV cache: {free / 2**30:.1f} GiB free, "
+            f"weights {weights / 2**30:.1f} GiB; lower --max-num-seqs or raise --gpu-memory-utilization"
+        )
+    return blocks
 
 
 def _host_kv_blocks(model: str, dtype: str, block_size: int, gib: float, int8: bool) -> int:

@@ -25,6 +25,7 @@ import torch
 from tandem.config import EngineConfig, ModelConfig, kv_compat_hash
 from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.outputs import RequestOutput
+from tandem.kvcache.manager import KVExport
 from tandem.request import Request, RequestStatus, SamplingParams, new_request
 from tandem.runner.model_runner import ModelRunner
 from tandem.sched.cost_model import CostModel
@@ -46,6 +47,20 @@ class ExportedRequest:
     policy_state: dict[str, Any] = field(default_factory=dict)
     # (IncrementalDetokenizer, text so far): in-process moves carry the object itself.
     output_state: tuple[Any, str] | None = None
+
+
+@dataclass
+class DetachedRequest:
+    """A request taken out of its scheduler for the final stage of a migration. Its blocks
+    stay owned by ``export`` until released (moved) or restored (back to running here);
+    ``payload`` holds blocks ``from_block`` onwards."""
+
+    request: Request
+    num_computed_tokens: int
+    payload: torch.Tensor
+    policy_state: dict[str, Any]
+    output_state: tuple[Any, str] | None
+    export: KVExport
 
 
 class KVCompatibilityError(ValueError):
@@ -131,23 +146,61 @@ class LLMEngine:
 
         Only between steps: the request must be RUNNING (holding device blocks).
         """
-        req = self.scheduler.requests.get(request_id)
-        if req is None or req.status is not RequestStatus.RUNNING:
-            state = "unknown" if req is None else req.status.value
-            raise ValueError(f"can only export a running request; {request_id!r} is {state}")
+        d = self.detach_request(request_id)
+        self.release_detached(d)
+        return ExportedRequest(
+            d.request, d.num_computed_tokens, self.compat_hash, d.payload, d.policy_state,
+            d.output_state,
+        )  # fmt: skip
+
+    # Live migration (stages): copy full blocks while the request keeps running, then
+    # detach it with its blocks held by an export until the destination has committed.
+    def gather_request_blocks(self, request_id: str, start: int, end: int) -> torch.Tensor:
+        """A copy of blocks ``[start, end)`` of a running request's table:
+        [layers, 2, end - start, block_size, Hkv, D]. Only between steps."""
+        self._running(request_id)
+        table = self.scheduler.device_kv.block_table(request_id)
+        if not 0 <= start <= end <= len(table):
+            raise ValueError(f"blocks [{start}, {end}) of {request_id!r}: it has {len(table)}")
+        return self.runner.gather_blocks(table[start:end])
+
+    def detach_request(self, request_id: str, from_block: int = 0) -> DetachedRequest:
+        """Take a running request out of the scheduler, its blocks held by an export, and
+        copy blocks ``from_block`` onwards (those holding its first ``num_computed_tokens``
+        tokens). Then ``release_detached`` (it moved) or ``restore_detached`` (it did
+        not: it runs here again as before). Only between steps."""
+        req = self._running(request_id)
         n = req.num_computed_tokens
         policy_state = self.scheduler.policy.describe(req)
         kv = self.scheduler.device_kv
         export = kv.export(request_id, n)
         try:
-            payload = self.runner.gather_blocks(list(export.block_ids))
+            payload = self.runner.gather_blocks(list(export.block_ids[from_block:]))
         except BaseException:
             kv.restore_export(export)
             raise
         self.scheduler.detach(request_id)
-        kv.release_export(export)
         output_state = self.outputs.export_state(request_id)
-        return ExportedRequest(req, n, self.compat_hash, payload, policy_state, output_state)
+        return DetachedRequest(req, n, payload, policy_state, output_state, export)
+
+    def release_detached(self, detached: DetachedRequest) -> None:
+        """The request lives elsewhere now: free its blocks here."""
+        self.scheduler.device_kv.release_export(detached.export)
+
+    def restore_detached(self, detached: DetachedRequest) -> None:
+        """Undo ``detach_request``: the request runs here again with its blocks, MLFQ queue
+        and service (the stream goes on where it stopped)."""
+        req = detached.request
+        self.scheduler.device_kv.restore_export(detached.export)
+        self.scheduler.add_running(req, detached.policy_state)
+        self.outputs.import_state(req, detached.output_state)
+
+    def _running(self, request_id: str) -> Request:
+        req = self.scheduler.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.RUNNING:
+            state = "unknown" if req is None else req.status.value
+            raise ValueError(f"can only export a running request; {request_id!r} is {state}")
+        return req
 
     # Two-phase import, for a KV receiver that gets the bytes asynchronously: reserve
     # blocks, then commit (write bytes + adopt the request) or abort (free the blocks).

@@ -24,10 +24,10 @@ The order of the two sides does not matter to the bookkeeping; the transfer laye
 it, so a copy in flight never reads or writes a block that was handed to someone else:
 ``free(rid)`` touches only the table, never an export or a pending import.
 
-Extension point: staged (live) migration will export a prefix of a table while the request
-keeps decoding into its tail. That is a new method that moves ``table[:k]`` into an export
-and leaves the rest; ``KVExport`` and ``release_export`` / ``restore_export`` already work
-on any tuple of ids, and restore would then prepend instead of replace.
+Staged (live) migration copies a request's full blocks while it keeps decoding on the
+source, so the source needs no export until the final stop-and-copy; the destination grows
+one pending import stage by stage (``reserve_import`` for the first stage, ``extend_import``
+for each later one) and commits or aborts it as a whole.
 
 Not yet here: copy-on-write of a shared last block after ``fork`` (the caller must not
 write into a block whose refcount is above 1) and a prefix cache.
@@ -35,6 +35,7 @@ write into a block whose refcount is above 1) and a prefix cache.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -105,6 +106,10 @@ class KVCacheManager:
         self.tier = tier
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
+        # A stamp from one counter, renewed on every change of a request's table: equal
+        # stamps mean an identical table (consumers may cache per stamp; CUDA graphs do).
+        self._stamps: dict[str, int] = {}
+        self._stamp_counter = itertools.count(1)
         self._exports: dict[str, KVExport] = {}
         self._imports: dict[str, _PendingImport] = {}
 
@@ -138,6 +143,9 @@ class KVCacheManager:
         """Whether ``allocate(request_id, num_tokens)`` would leave at least ``reserve`` free."""
         if reserve < 0:
             raise ValueError(f"reserve must be >= 0, got {reserve}")
+        table = self._tables.get(request_id)
+        if table is not None and 0 <= num_tokens <= len(table) * self.block_size:
+            return reserve <= self.pool.num_free  # the decode hot path: no new block
         return self.blocks_needed(request_id, num_tokens) + reserve <= self.pool.num_free
 
     def allocate(self, request_id: str, num_tokens: int) -> list[int]:
@@ -153,6 +161,9 @@ class KVCacheManager:
                 f"request {request_id!r} has a pending import on {self.tier}; "
                 "commit or abort it before allocating"
             )
+        table = self._tables.get(request_id)
+        if table is not None and 0 <= num_tokens <= len(table) * self.block_size:
+            return []  # the decode hot path: the table already covers it
         need = self.blocks_needed(request_id, num_tokens)
         try:
             new_ids = self.pool.allocate(need)
@@ -162,7 +173,12 @@ class KVCacheManager:
                 f"{self.pool.num_free} of {self.pool.num_blocks} free on {self.tier}"
             ) from None
         self._tables.setdefault(request_id, []).extend(new_ids)
+        self._stamps[request_id] = next(self._stamp_counter)
         return new_ids
+
+    def table_stamp(self, request_id: str) -> int | None:
+        """The stamp of the request's current table (None without one); see ``__init__``."""
+        return self._stamps.get(request_id)
 
     def block_table(self, request_id: str) -> list[int]:
         """The request's block ids in token order (a copy); ``[]`` if it has no table."""
@@ -185,6 +201,7 @@ class KVCacheManager:
         only the transfer that owns them may end them.
         """
         table = self._tables.pop(request_id, None)
+        self._stamps.pop(request_id, None)
         if table:
             self.pool.free(table)
 
@@ -200,6 +217,7 @@ class KVCacheManager:
         self._check_id_free(child_id, f"fork {parent_id!r} into it")
         self.pool.incref(parent)
         self._tables[child_id] = list(parent)
+        self._stamps[child_id] = next(self._stamp_counter)
 
     # ---- export: blocks leave this tier ----------------------------------------------
 
@@ -227,6 +245,7 @@ class KVCacheManager:
                 f"its table holds only {len(table) * self.block_size}"
             )
         del self._tables[request_id]
+        self._stamps.pop(request_id, None)
         if keep < len(table):
             self.pool.free(table[keep:])
         exp = KVExport(request_id=request_id, block_ids=tuple(table[:keep]), num_tokens=num_tokens)
@@ -248,6 +267,7 @@ class KVCacheManager:
         self._check_id_free(export.request_id, "restore its export")
         del self._exports[export.request_id]
         self._tables[export.request_id] = list(export.block_ids)
+        self._stamps[export.request_id] = next(self._stamp_counter)
 
     def open_exports(self) -> list[KVExport]:
         return list(self._exports.values())
@@ -262,17 +282,30 @@ class KVCacheManager:
         """
         _check_tokens(num_tokens)
         self._check_id_free(request_id, "reserve an import")
-        need = _blocks_for(num_tokens, self.block_size)
-        try:
-            ids = self.pool.allocate(need)
-        except NoFreeBlocksError:
-            raise NoFreeBlocksError(
-                f"cannot reserve {need} blocks to import {num_tokens} tokens of "
-                f"{request_id!r}: {self.pool.num_free} of {self.pool.num_blocks} free "
-                f"on {self.tier}"
-            ) from None
+        ids = self._reserve(request_id, num_tokens, "import")
         self._imports[request_id] = _PendingImport(block_ids=ids, num_tokens=num_tokens)
         return list(ids)
+
+    def extend_import(self, request_id: str, num_tokens: int) -> list[int]:
+        """Reserve ``ceil(num_tokens / block_size)`` more blocks for the request's pending
+        import (a later stage of a migration); returns the new ids, which follow the
+        pending ones in token order. ``KVStateError`` if no import is pending;
+        ``NoFreeBlocksError`` reserves nothing."""
+        _check_tokens(num_tokens)
+        pending = self._imports.get(request_id)
+        if pending is None:
+            raise KVStateError(
+                f"cannot extend the import of {request_id!r} on {self.tier}: none is pending"
+            )
+        ids = self._reserve(request_id, num_tokens, "extend the import of")
+        pending.block_ids.extend(ids)
+        pending.num_tokens += num_tokens
+        return list(ids)
+
+    def pending_import_blocks(self, request_id: str) -> int:
+        """Blocks reserved for the request's pending import (0 if none)."""
+        pending = self._imports.get(request_id)
+        return 0 if pending is None else len(pending.block_ids)
 
     def commit_import(self, request_id: str) -> list[int]:
         """The bytes have arrived: the pending blocks become the request's table (returned)."""
@@ -285,6 +318,7 @@ class KVCacheManager:
         assert request_id not in self._tables
         del self._imports[request_id]
         self._tables[request_id] = pending.block_ids
+        self._stamps[request_id] = next(self._stamp_counter)
         return list(pending.block_ids)
 
     def abort_import(self, request_id: str) -> None:
@@ -330,6 +364,18 @@ class KVCacheManager:
         )
 
     # ---- helpers ---------------------------------------------------------------------
+
+    def _reserve(self, request_id: str, num_tokens: int, action: str) -> list[int]:
+        """Blocks for ``num_tokens`` tokens, all or nothing (``NoFreeBlocksError``)."""
+        need = _blocks_for(num_tokens, self.block_size)
+        try:
+            return self.pool.allocate(need)
+        except NoFreeBlocksError:
+            raise NoFreeBlocksError(
+                f"cannot reserve {need} blocks to {action} {num_tokens} tokens of "
+                f"{request_id!r}: {self.pool.num_free} of {self.pool.num_blocks} free "
+                f"on {self.tier}"
+            ) from None
 
     def _refcount_or_none(self, block_id: int) -> int | None:
         try:

@@ -2,7 +2,9 @@
 
 Both follow transformers' arithmetic order (normalise in float32, cast back; cos/sin
 computed in float32 from ``position * inv_freq``) so that float32 outputs agree with
-the reference to rounding, which keeps greedy decoding token-identical.
+the reference to rounding, which keeps greedy decoding token-identical. On CUDA the same
+arithmetic runs as fused Triton kernels (``tandem.kernels.elementwise``); these torch
+versions are their references and the CPU path.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from tandem import kernels
 from tandem.config import RopeConfig
 
 
@@ -21,7 +24,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``norm(x)``; with ``residual``: ``s = x + residual``, returns ``(norm(s), s)``."""
+        if kernels.enabled(x):
+            from tandem.kernels.elementwise import rms_norm
+
+            flat = x.reshape(-1, x.shape[-1])
+            res = residual.reshape(-1, x.shape[-1]) if residual is not None else None
+            out, new_res = rms_norm(flat, self.weight, self.eps, res)
+            out = out.view(x.shape)
+            return out if residual is None else (out, new_res.view(x.shape))
+        if residual is None:
+            return self._norm(x)
+        s = x + residual
+        return self._norm(s), s
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

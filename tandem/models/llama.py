@@ -12,13 +12,18 @@ The forward pass takes a flat batch of T tokens from many sequences (no padding)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem import kernels
 from tandem.attention import AttentionBackend, AttentionMetadata
 from tandem.config import ModelConfig
 from tandem.models.layers import RMSNorm, RotaryEmbedding, apply_rotary
+
+Rotate = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Attention(nn.Module):
@@ -37,7 +42,7 @@ class Attention(nn.Module):
     def forward(
         self,
         h: torch.Tensor,  # [T, hidden]
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rotate: Rotate,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
@@ -51,9 +56,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        cos, sin = cos_sin
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        q, k = rotate(q, k)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out)
 
@@ -66,7 +69,12 @@ class MLP(nn.Module):
         self.intermediate_size = cfg.intermediate_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if kernels.enabled(gate_up):
+            from tandem.kernels.elementwise import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -78,9 +86,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cos_sin, kv_cache, meta, backend) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos_sin, kv_cache, meta, backend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, residual, rotate, kv_cache, meta, backend):
+        """(h, residual) -> (h, residual): the residual stream is ``h + residual``, added
+        inside the next norm (one fused kernel on CUDA; the same sums in the same order as
+        ``h = h + attn(norm(h)); h = h + mlp(norm(h))``)."""
+        if residual is None:
+            residual = h
+            h = self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(h, rotate, kv_cache, meta, backend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -104,10 +121,26 @@ class LlamaForCausalLM(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
-        cos_sin = self.rotary.cos_sin(positions, h.dtype)
+        rotate = self._rotate(positions, h)
+        residual = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            h = layer(h, cos_sin, kv, meta, backend)
-        return self.norm(h)  # [T, hidden]
+            h, residual = layer(h, residual, rotate, kv, meta, backend)
+        h, _ = self.norm(h, residual)
+        return h  # [T, hidden]
+
+    def _rotate(self, positions: torch.Tensor, h: torch.Tensor) -> Rotate:
+        if kernels.enabled(h):
+            from tandem.kernels.elementwise import rotary_
+
+            inv_freq = self.rotary.inv_freq
+
+            def fused(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                rotary_(q, k, positions, inv_freq)  # in place
+                return q, k
+
+            return fused
+        cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        return lambda q, k: (apply_rotary(q, cos, sin), apply_rotary(k, cos, sin))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] rows to sample -> [N, vocab] float32

@@ -5,6 +5,9 @@ Name mapping (HF → Tandem), per layer i:
   mlp.{gate,up}_proj.weight            → mlp.gate_up_proj.weight          (rows gate, up)
 Everything else keeps its name minus the leading ``model.``. ``lm_head.weight`` is
 absent with tied embeddings. A missing or unexpected tensor is an error naming it.
+
+A folder made by ``tandem.random_model`` (``--model random:NAME``) has no weights: they are
+drawn on the device, seeded, ``N(0, std)`` for matrices and ones for norms.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import torch
 from safetensors import safe_open
 
 from tandem.config import ModelConfig
+from tandem.models.layers import rope_inv_freq
 from tandem.models.llama import LlamaForCausalLM
+from tandem.random_model import random_weights
 
 _FUSED = {
     "self_attn.q_proj": ("self_attn.qkv_proj", 0),
@@ -44,6 +49,9 @@ def load_model(
     model_dir = Path(model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
+    spec = random_weights(model_dir)
+    if spec is not None:
+        return _random_init(model, cfg, device, dtype, int(spec["seed"]), float(spec["std"]))
     params = dict(model.named_parameters(remove_duplicate=False))
     pieces: dict[str, list[torch.Tensor | None]] = {}
     loaded: dict[str, torch.Tensor] = {}
@@ -93,8 +101,6 @@ def load_model(
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         # Buffers (inv_freq) were created on meta; recompute them on the real device.
-        from tandem.models.layers import rope_inv_freq
-
         model.rotary.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope).to(device)
     model = model.to(dtype=dtype)
     model.rotary.inv_freq = model.rotary.inv_freq.float()  # keep rope math in float32
@@ -108,3 +114,27 @@ def _fuse_target(name: str) -> tuple[str, int] | None:
         if marker in name:
             return name.replace(marker, f".{dst}."), index
     return None
+
+
+def _random_init(
+    model: LlamaForCausalLM,
+    cfg: ModelConfig,
+    device: str,
+    dtype: torch.dtype,
+    seed: int,
+    std: float,
+) -> LlamaForCausalLM:
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, std, generator=gen)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope).to(device)
+    return model.eval()

@@ -4,14 +4,16 @@ Owns the model weights, the device KV tensors, the host KV tier (pinned on CUDA,
 with ``swap_int8``) and the sampler. Per iteration: swap copies (``KVSwapper``: those
 this batch needs complete first, those ahead of need overlap the forward pass on CUDA),
 input preparation, one forward pass over the flat batch, logits only for rows that
-sample, sampling.
+sample, sampling. On CUDA with the Triton backend, a decode-only batch replays a captured
+CUDA graph instead (``DecodeGraphs``); anything else runs eagerly.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tandem.attention import get_backend
+from tandem import env
+from tandem.attention import default_backend_name, get_backend
 from tandem.config import EngineConfig, ModelConfig
 from tandem.models import load_model
 from tandem.runner.host_kv import HostKVTier
@@ -49,8 +51,34 @@ class ModelRunner:
             else None
         )
         self.swapper = KVSwapper(self.kv, self.host_kv) if self.host_kv is not None else None
-        self.backend = get_backend("torch")
+        name = config.attention
+        self.backend = get_backend(default_backend_name(config.device) if name == "auto" else name)
         self.sampler = Sampler(seed=config.seed)
+        self.graphs = None
+        if self.backend.name == "triton":
+            mc = model_config
+            self.backend.warm_up(
+                mc.num_heads, mc.num_kv_heads, mc.head_dim, cache.block_size, self.dtype,
+                self.device, mc.sliding_window,
+            )  # fmt: skip
+        if (
+            self.device.type == "cuda"
+            and self.backend.name == "triton"
+            and config.cuda_graphs
+            and env.cuda_graphs_enabled()
+        ):
+            from tandem.runner.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.kv.layers(),
+                self.backend,
+                max_batch=config.scheduler.max_num_seqs,
+                max_model_len=config.scheduler.max_model_len
+                or model_config.max_position_embeddings,
+                block_size=cache.block_size,
+                sliding_window=model_config.sliding_window,
+            )
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -61,6 +89,12 @@ class ModelRunner:
             raise AssertionError("swap scheduled without a host tier")
         if not sched.chunks:
             return out
+        if self.graphs is not None and self.graphs.can_run(sched):
+            logits = self.graphs.run(sched)
+            picked = [i for i, c in enumerate(sched.chunks) if c.sample]
+            if len(picked) < len(sched.chunks):
+                logits = logits[picked]
+            return self._sample(sched, picked, logits, out)
         inputs = prepare_inputs(
             sched, self.block_size, self.model_config.sliding_window, self.device
         )
@@ -70,7 +104,14 @@ class ModelRunner:
         if not inputs.sample_rows:
             return out
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [N, vocab] float32
-        chunks = [sched.chunks[i] for i in inputs.sample_chunks]
+        return self._sample(sched, inputs.sample_chunks, logits, out)
+
+    def _sample(
+        self, sched: SchedulerOutput, picked: list[int], logits: torch.Tensor, out: RunnerOutput
+    ) -> RunnerOutput:
+        if not picked:
+            return out
+        chunks = [sched.chunks[i] for i in picked]
         rows = [
             SamplingRow(
                 params=c.request.sampling_params,

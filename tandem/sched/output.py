@@ -31,6 +31,9 @@ class ScheduledChunk:
     start_pos: int  # == request.num_computed_tokens when scheduled
     block_table: list[int]  # device blocks covering start_pos + len(token_ids) tokens
     sample: bool  # this chunk completes the request's tokens: produce the next one
+    # Renewed whenever the request's device table changes (KVCacheManager.table_stamp);
+    # None = unknown, so a consumer must not reuse a cached copy of the table.
+    table_stamp: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -371,7 +371,7 @@ class Scheduler:
     def _add_chunk(self, req: Request, n: int, out: SchedulerOutput) -> None:
         self.device_kv.allocate(req.request_id, req.num_computed_tokens + n)
         start = req.num_computed_tokens
-        tokens = req.all_token_ids[start : start + n]
+        tokens = req.token_slice(start, start + n)
         out.chunks.append(
             ScheduledChunk(
                 request=req,
@@ -379,6 +379,7 @@ class Scheduler:
                 start_pos=start,
                 block_table=self.device_kv.block_table(req.request_id),
                 sample=start + n == req.num_tokens,
+                table_stamp=self.device_kv.table_stamp(req.request_id),
             )
         )
 

@@ -34,9 +34,11 @@ def health(url: str) -> dict:
         return {}
 
 
-def wait_healthy(url: str, procs: Sequence[subprocess.Popen], timeout: float = 180.0) -> None:
+def wait_healthy(
+    url: str, procs: Sequence[subprocess.Popen], timeout: float = 180.0, workers: int = 1
+) -> None:
     deadline = time.time() + timeout
-    while health(url).get("status") != "ok":
+    while health(url).get("workers", 0) < workers:
         if time.time() > deadline:
             raise AssertionError(f"{url} did not become healthy in {timeout:g} s")
         if any(p.poll() is not None for p in procs):
@@ -57,14 +59,19 @@ def stop(procs: Sequence[subprocess.Popen], timeout: float = 15.0) -> None:
 
 
 @contextlib.contextmanager
-def serve(model_dir, *extra: str, timeout: float = 180.0) -> Iterator[str]:
+def serve(
+    model_dir, *extra: str, timeout: float = 180.0, workers: int = 1, env: dict | None = None
+) -> Iterator[str]:
     """``tandem serve --model MODEL_DIR EXTRA...`` on a free port; yields its URL once
-    healthy (fails after ``timeout`` seconds, or at once if the server exits)."""
+    healthy with at least ``workers`` workers connected (fails after ``timeout`` seconds,
+    or at once if the server exits). ``env``: extra environment variables."""
     port = free_port()
-    proc = spawn_cli(["serve", "--model", str(model_dir), "--port", str(port), *extra])
+    proc = spawn_cli(
+        ["serve", "--model", str(model_dir), "--port", str(port), *extra], env=env or {}
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, [proc], timeout)
+        wait_healthy(url, [proc], timeout, workers)
         yield url
     finally:
         stop([proc])

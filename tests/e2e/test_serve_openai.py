@@ -140,6 +140,8 @@ def _post(url, path, body, raw=False):
             "logprobs",
         ),
         ("/generate", {"prompt_token_ids": "abc"}, 400, "prompt_token_ids"),
+        ("/admin/migrate", {"request_id": "cmpl-x"}, 409, None),  # --migration off
+        ("/admin/drain/127.0.0.1:1", {}, 409, None),
     ],
 )
 def test_bad_input_gets_a_clear_4xx(server, path, body, status, param):

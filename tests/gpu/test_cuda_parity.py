@@ -66,8 +66,8 @@ def test_bf16_logits_within_2e_2_of_transformers(tiny_model_dirs):
     prompts = mixed_prompts(model.config.vocab_size, n=4, seed=2, max_len=200)
     engine = _engine(model_dir, "bfloat16")
     captured = []  # the logits the runner samples from (last prompt position)
-    compute = engine.runner.model.compute_logits
-    engine.runner.model.compute_logits = lambda h: captured.append(compute(h)) or captured[-1]
+    sampler = engine.runner.sampler  # eager or CUDA-graph path alike end in the sampler
+    engine.runner.sampler = lambda logits, rows: captured.append(logits) or sampler(logits, rows)
     for p in prompts:
         with torch.no_grad():
             want = model(torch.tensor([p], device="cuda")).logits[0, -1].float()

@@ -696,3 +696,48 @@ TwoTierMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_two_tiers_stateful = TwoTierMachine.TestCase
+
+
+def test_extend_import_grows_one_pending_import_stage_by_stage() -> None:
+    m = _mgr(8, 4)
+    first = m.reserve_import("r", 8)
+    second = m.extend_import("r", 4)
+    assert len(first) == 2 and len(second) == 1 and m.pending_import_blocks("r") == 3
+    assert m.audit().ok and m.audit().in_imports == 3
+    with pytest.raises(NoFreeBlocksError):
+        m.extend_import("r", 24)  # 6 blocks, 5 free: nothing reserved
+    assert m.num_free_blocks == 5
+    assert m.commit_import("r") == first + second
+    _assert_clean(m)
+
+
+def test_extend_import_needs_a_pending_import_and_abort_frees_every_stage() -> None:
+    m = _mgr(8, 4)
+    with pytest.raises(KVStateError, match="none is pending"):
+        m.extend_import("r", 4)
+    m.reserve_import("r", 4)
+    m.extend_import("r", 8)
+    m.abort_import("r")
+    assert m.num_free_blocks == 8 and m.pending_import_blocks("r") == 0
+    assert m.audit().ok
+
+
+def test_table_stamp_changes_exactly_when_the_table_does():
+    from tandem.kvcache.manager import KVCacheManager
+
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    assert kv.table_stamp("a") is None
+    kv.allocate("a", 3)
+    first = kv.table_stamp("a")
+    kv.allocate("a", 4)  # still one block: same table, same stamp
+    assert kv.table_stamp("a") == first
+    kv.allocate("a", 5)
+    grown = kv.table_stamp("a")
+    assert grown != first
+    exp = kv.export("a", 5)
+    assert kv.table_stamp("a") is None
+    kv.restore_export(exp)
+    assert kv.table_stamp("a") not in (None, first, grown)
+    kv.free("a")
+    kv.allocate("a", 5)  # same length again, maybe other blocks: a new stamp
+    assert kv.table_stamp("a") not in (first, grown)

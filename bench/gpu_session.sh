@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, then the named benchmarks; results copied to $OUT.
+# usage: bash bench/gpu_session.sh "tests" "gpu_decode.py --eager" "gpu_prefill.py" ...
+set -u
+export PYTHONPATH=. TANDEM_CACHE_DIR=/tmp/tandem-cache
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
+for step in "$@"; do
+  echo "=== $step"
+  if [ "$step" = tests ]; then
+    timeout 240 python -m pytest -q -x -p no:cacheprovider tests/gpu tests/engine/test_triton_kernels.py 2>&1 | tail -25
+  else
+    read -r script rest <<<"$step"
+    timeout "${BENCH_TIMEOUT:-300}" python bench/$script $rest 2>&1 | tail -45
+  fi
+done
+mkdir -p "${OUT:-/tmp/out}" && cp -r bench/results "${OUT:-/tmp/out}/" 2>/dev/null
+true

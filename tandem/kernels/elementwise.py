@@ -1,0 +1,173 @@
+"""Fused elementwise kernels: (residual add +) RMSNorm, neox rotary in place, SiLU-and-mul,
+and the store of new K/V into the paged cache.
+
+Arithmetic contracts (the torch references in ``tandem/models/layers.py`` and
+``tandem/attention/torch_ref.py``):
+- ``rms_norm``: ``s = x + residual`` in the input dtype (when a residual is given; ``s``
+  is also returned as the new residual); ``y = weight * (s_f32 * rsqrt(mean(s_f32^2) +
+  eps)).to(dtype)``.
+- ``rotary_``: for each token, ``f = pos * inv_freq`` in float32; ``x1' = x1 cos f -
+  x2 sin f``, ``x2' = x2 cos f + x1 sin f`` on the two halves of every head (neox), in
+  float32, written back in place.
+- ``silu_and_mul``: ``x = [gate | up]`` rows; ``silu(gate) * up`` in float32, stored in
+  dtype.
+- ``store_kv``: ``k_cache.flat[slot[t]] = k[t]`` (and v); a slot < 0 is skipped (padding
+  rows of a CUDA-graph batch).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    X, R, W, OUT, RES_OUT,
+    stride_x, stride_r, stride_o, stride_ro,
+    N, eps,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x + r).to(r.dtype)
+        tl.store(RES_OUT + row * stride_ro + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N
+    y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    tl.store(OUT + row * stride_o + cols, (w * y).to(x.dtype), mask=mask)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x, residual: [T, N] -> (normed [T, N], new residual [T, N] or None)."""
+    x = x.contiguous() if x.stride(-1) != 1 else x
+    T, N = x.shape
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else None
+    if T == 0:
+        return out, res_out
+    block = triton.next_power_of_2(N)
+    _rms_norm_kernel[(T,)](
+        x, residual if residual is not None else x, weight, out,
+        res_out if res_out is not None else out,
+        x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        res_out.stride(0) if res_out is not None else 0,
+        N, eps, HAS_RES=residual is not None, BLOCK=block,
+        num_warps=8 if block >= 4096 else 4,
+    )  # fmt: skip
+    return out, res_out
+
+
+@triton.jit
+def _rotary_kernel(
+    Q, K, POS, INV_FREQ,
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    HQ: tl.constexpr, HK: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(POS + t).to(tl.float32)
+    i = tl.arange(0, HALF_PAD)
+    imask = (i < HALF)[None, :]
+    f = pos * tl.load(INV_FREQ + i, mask=i < HALF, other=0.0)
+    cos = tl.cos(f)[None, :]
+    sin = tl.sin(f)[None, :]
+    hq = tl.arange(0, HQ_PAD)[:, None]
+    qp = Q + t * stride_qt + hq * stride_qh + i[None, :]
+    qm = (hq < HQ) & imask
+    q1 = tl.load(qp, mask=qm, other=0.0)
+    q2 = tl.load(qp + HALF, mask=qm, other=0.0)
+    a, b = q1.to(tl.float32), q2.to(tl.float32)
+    tl.store(qp, (a * cos - b * sin).to(q1.dtype), mask=qm)
+    tl.store(qp + HALF, (b * cos + a * sin).to(q1.dtype), mask=qm)
+    hk = tl.arange(0, HK_PAD)[:, None]
+    kp = K + t * stride_kt + hk * stride_kh + i[None, :]
+    km = (hk < HK) & imask
+    k1 = tl.load(kp, mask=km, other=0.0)
+    k2 = tl.load(kp + HALF, mask=km, other=0.0)
+    a, b = k1.to(tl.float32), k2.to(tl.float32)
+    tl.store(kp, (a * cos - b * sin).to(k1.dtype), mask=km)
+    tl.store(kp + HALF, (b * cos + a * sin).to(k1.dtype), mask=km)
+
+
+def rotary_(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
+) -> None:
+    """In place. q: [T, Hq, D], k: [T, Hkv, D] (last dim contiguous); positions [T];
+    inv_freq [D/2] float32."""
+    T, HQ, D = q.shape
+    HK = k.shape[1]
+    if T == 0:
+        return
+    _rotary_kernel[(T,)](
+        q, k, positions, inv_freq,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        HQ=HQ, HK=HK, HQ_PAD=triton.next_power_of_2(HQ), HK_PAD=triton.next_power_of_2(HK),
+        HALF=D // 2, HALF_PAD=triton.next_power_of_2(D // 2), num_warps=4,
+    )  # fmt: skip
+
+
+@triton.jit
+def _silu_and_mul_kernel(X, OUT, stride_x, stride_o, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(X + row * stride_x + N + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * up.to(tl.float32)
+    tl.store(OUT + row * stride_o + cols, y.to(gate.dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2N] = [gate | up] -> [T, N]."""
+    T, two_n = x.shape
+    N = two_n // 2
+    out = torch.empty((T, N), dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    block = 1024
+    _silu_and_mul_kernel[(T, triton.cdiv(N, block))](
+        x, out, x.stride(0), out.stride(0), N, BLOCK=block, num_warps=4
+    )
+    return out
+
+
+@triton.jit
+def _store_kv_kernel(
+    K, V, KC, VC, SLOTS, stride_k, stride_v, stride_slot, N: tl.constexpr, BLOCK: tl.constexpr
+):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    if slot >= 0:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        tl.store(
+            KC + slot * stride_slot + cols, tl.load(K + t * stride_k + cols, mask=mask), mask=mask
+        )
+        tl.store(
+            VC + slot * stride_slot + cols, tl.load(V + t * stride_v + cols, mask=mask), mask=mask
+        )
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:  # fmt: skip
+    """k, v: [T, Hkv, D] (rows contiguous); caches [num_blocks, block_size, Hkv, D]."""
+    T, HK, D = k.shape
+    if T == 0:
+        return
+    n = HK * D
+    _store_kv_kernel[(T,)](
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), n,
+        N=n, BLOCK=triton.next_power_of_2(n), num_warps=4,
+    )  # fmt: skip
