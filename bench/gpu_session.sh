@@ -7,11 +7,12 @@ nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 for step in "$@"; do
   echo "=== $step"
   if [ "$step" = tests ]; then
-    timeout 240 python -m pytest -q -x -p no:cacheprovider tests/gpu tests/engine/test_triton_kernels.py 2>&1 | tail -25
+    timeout 240 python -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/gpu tests/engine/test_triton_kernels.py} 2>&1 | tail -25
   else
     read -r script rest <<<"$step"
     timeout "${BENCH_TIMEOUT:-300}" python bench/$script $rest 2>&1 | tail -45
   fi
+  mkdir -p "${OUT:-/tmp/out}" && cp -r bench/results "${OUT:-/tmp/out}/" 2>/dev/null
 done
 mkdir -p "${OUT:-/tmp/out}" && cp -r bench/results "${OUT:-/tmp/out}/" 2>/dev/null
 true
