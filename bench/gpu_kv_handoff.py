@@ -126,7 +126,7 @@ def ttft(model: str, prompt_lens: list[int], timeout: float) -> dict:
     except Exception as e:  # any reason means: not supported by this build
         return {"skipped": f"model {model!r} is not supported by this build ({e})"}
     common = ["--dtype", "bfloat16", "--kv-blocks", "2048", "--policy", "fcfs",
-              "--max-num-batched-tokens", "8192", "--max-model-len", "16384"]  # fmt: skip
+              "--max-num-batched-tokens", "8192", "--max-model-len", "8192"]  # fmt: skip
     setups = {
         "colocated": ["--device", "cuda:0"],
         "disaggregated": [
