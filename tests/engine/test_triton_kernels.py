@@ -23,9 +23,9 @@ def _interpreter_numpy2_fix() -> None:
     import numpy as np
     from triton.runtime import interpreter
 
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "tandem_fixed", False):
-        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "tandem_fixed", False):
+        return  # another Triton version: nothing to patch (or already patched)
 
     def patched(tensor, scope):
         original(tensor, scope)
