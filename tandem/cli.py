@@ -579,6 +579,10 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             args.decode_device,
             args.kv_transfer,
         )
+        from tandem.engine.llm import check_device
+
+        for device in {*placement.prefill, *placement.decode}:
+            check_device(device)
     except ValueError as e:
         parser.error(str(e))
     if not args.migration_lease > 0:

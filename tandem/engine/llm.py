@@ -149,6 +149,7 @@ def build_engine_config(
         from tandem.tinymodel import default_model_dir
 
         model = default_model_dir()
+    check_device(device)
     model = resolve_model(str(model), seed)
     if not 0.0 < gpu_memory_utilization <= 1.0:
         raise ValueError(
@@ -197,6 +198,24 @@ def build_engine_config(
 def _auto_kv_blocks(model: str, dtype: str, block_size: int) -> int:
     per_block = kv_block_bytes(ModelConfig.from_pretrained(model), dtype, block_size)
     return max(16, DEFAULT_CPU_KV_BYTES // per_block)
+
+
+def check_device(device: str) -> None:
+    """A clear error (naming --device) for a CUDA device this machine does not have."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "has no CUDA support" if torch.version.cuda is None else "sees no GPU"
+        raise ValueError(
+            f"--device {device}: this machine has 0 CUDA device(s) (torch {torch.__version__} {why})"
+        )
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise ValueError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
 
 
 # Activations, logits, sampler scratch, CUDA graph pools and allocator slack.
