@@ -188,7 +188,10 @@ def paged_decode(
     num_heads = q.shape[1]
     group = num_heads // num_kv_heads
     ieee = q.dtype == torch.float32
-    part_acc = part_ml = out  # unused with one split
+    # Unused with one split, but never an alias of ``out``: Triton's interpreter copies
+    # each argument to the host and back, so an aliased argument would write stale bytes
+    # over the output (seen as NaNs in the CPU tests).
+    part_acc = part_ml = q.new_empty(1, dtype=torch.float32)
     if num_splits > 1:
         S = seq_lens.shape[0]
         part_acc = torch.empty(
