@@ -139,12 +139,21 @@ class KVCacheManager:
         have = len(self._tables.get(request_id, ()))
         return max(0, _blocks_for(num_tokens, self.block_size) - have)
 
+    def _covers(self, request_id: str, num_tokens: int) -> bool:
+        """The request's table already holds ``num_tokens`` (a valid count): the fast path
+        of ``can_allocate`` and ``allocate``, without ``blocks_needed``'s validation."""
+        table = self._tables.get(request_id)
+        return (
+            table is not None
+            and type(num_tokens) is int
+            and 0 <= num_tokens <= len(table) * self.block_size
+        )
+
     def can_allocate(self, request_id: str, num_tokens: int, reserve: int = 0) -> bool:
         """Whether ``allocate(request_id, num_tokens)`` would leave at least ``reserve`` free."""
         if reserve < 0:
             raise ValueError(f"reserve must be >= 0, got {reserve}")
-        table = self._tables.get(request_id)
-        if table is not None and 0 <= num_tokens <= len(table) * self.block_size:
+        if self._covers(request_id, num_tokens):
             return reserve <= self.pool.num_free  # the decode hot path: no new block
         return self.blocks_needed(request_id, num_tokens) + reserve <= self.pool.num_free
 
@@ -161,8 +170,7 @@ class KVCacheManager:
                 f"request {request_id!r} has a pending import on {self.tier}; "
                 "commit or abort it before allocating"
             )
-        table = self._tables.get(request_id)
-        if table is not None and 0 <= num_tokens <= len(table) * self.block_size:
+        if self._covers(request_id, num_tokens):
             return []  # the decode hot path: the table already covers it
         need = self.blocks_needed(request_id, num_tokens)
         try:

@@ -741,3 +741,15 @@ def test_table_stamp_changes_exactly_when_the_table_does():
     kv.free("a")
     kv.allocate("a", 5)  # same length again, maybe other blocks: a new stamp
     assert kv.table_stamp("a") not in (first, grown)
+
+
+@pytest.mark.parametrize("bad", [True, 2.0, -1])
+def test_a_bad_token_count_is_refused_even_when_the_table_covers_it(bad):
+    from tandem.kvcache.manager import KVCacheManager
+
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    kv.allocate("a", 3)
+    with pytest.raises(ValueError, match="num_tokens"):
+        kv.allocate("a", bad)
+    with pytest.raises(ValueError, match="num_tokens"):
+        kv.can_allocate("a", bad)
