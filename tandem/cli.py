@@ -394,7 +394,7 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         config = _engine_config(args, parser)
         if args.kv_transfer == "nccl" and not config.device.startswith("cuda"):
             parser.error(f"--kv-transfer nccl needs --device cuda[:N], got {config.device!r}")
-        _select_cuda_device(config.device, parser)
+        _select_cuda_device(config.device)
         try:
             engine = LLMEngine(config)
         except (ValueError, OSError) as e:
@@ -479,21 +479,15 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     return 0
 
 
-def _select_cuda_device(device: str, parser: argparse.ArgumentParser) -> None:
+def _select_cuda_device(device: str) -> None:
     """Make ``device`` this process's current CUDA device before anything touches CUDA (so
-    the caching allocator, NCCL and CuPy all start on it, not on GPU 0)."""
+    the caching allocator, NCCL and CuPy all start on it, not on GPU 0). ``device`` comes
+    from the engine config, which ``check_device`` has already validated."""
     if not device.startswith("cuda"):
         return
     import torch
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    try:
-        index = torch.device(device).index or 0
-    except RuntimeError:
-        parser.error(f"--device must be cpu or cuda[:N], got {device!r}")
-    if index >= count:
-        parser.error(f"--device {device}: this machine has {count} CUDA device(s)")
-    torch.cuda.set_device(index)
+    torch.cuda.set_device(torch.device(device).index or 0)
 
 
 def _router(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

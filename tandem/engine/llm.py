@@ -206,13 +206,15 @@ def check_device(device: str) -> None:
         return
     import torch
 
+    index = device.partition(":")[2]
+    if index and not index.isdigit():
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
     if not torch.cuda.is_available():
         why = "has no CUDA support" if torch.version.cuda is None else "sees no GPU"
         raise ValueError(
             f"--device {device}: this machine has 0 CUDA device(s) (torch {torch.__version__} {why})"
         )
-    index = device.partition(":")[2]
-    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+    if index and int(index) >= torch.cuda.device_count():
         raise ValueError(
             f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
         )
