@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +33,8 @@ def device_slug(device: str = "cuda") -> str:
     return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name)).replace(" ", "")
 
 
-def _events_ms(fn, iters: int) -> float:
+def events_ms(fn, iters: int) -> float:
+    """Best of ``iters`` runs of ``fn``, in ms of device time (CUDA events)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     best = float("inf")
     for _ in range(iters):
@@ -43,12 +46,26 @@ def _events_ms(fn, iters: int) -> float:
     return best
 
 
+def median_step_s(runner, sched, warmup: int, iters: int) -> float:
+    """Median wall seconds of ``runner.execute(sched)`` after ``warmup`` runs. Each run ends
+    with the sampled ids read on the host, so it is synchronised: wall time is the step."""
+    for _ in range(warmup):
+        runner.execute(sched)
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        runner.execute(sched)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
 def copy_bandwidth(device: str = "cuda", nbytes: int = 2 * 2**30) -> float:
     """Bytes/s of read + write traffic of a device-to-device copy."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    ms = _events_ms(lambda: dst.copy_(src), 10)
+    ms = events_ms(lambda: dst.copy_(src), 10)
     return 2 * nbytes / (ms / 1e3)
 
 
@@ -56,7 +73,7 @@ def matmul_tflops(device: str = "cuda", n: int = 8192) -> float:
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     a @ b
-    ms = _events_ms(lambda: a @ b, 10)
+    ms = events_ms(lambda: a @ b, 10)
     return 2 * n**3 / (ms / 1e3) / 1e12
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import torch
 
@@ -45,20 +43,13 @@ def decode_batch(batch: int, context: int, block_size: int = 16) -> SchedulerOut
 
 def time_steps(runner, sched: SchedulerOutput, iters: int = 20) -> tuple[float, float | None]:
     """(median step seconds, median seconds of the CUDA graph replay alone or None)."""
-    for _ in range(3):
-        runner.execute(sched)
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        runner.execute(sched)  # ends with the sampled ids on the host: synchronised
-        samples.append(time.perf_counter() - t0)
+    step = g.median_step_s(runner, sched, warmup=3, iters=iters)
     replay = None
     graphs = runner.graphs
     if graphs is not None and graphs.can_run(sched):
         bucket = next(x for x in graphs.buckets if x >= len(sched.chunks))
-        replay = g._events_ms(graphs.graphs[bucket].replay, iters) / 1e3
-    return statistics.median(samples), replay
+        replay = g.events_ms(graphs.graphs[bucket].replay, iters) / 1e3
+    return step, replay
 
 
 def layers_that_fit(cfg, batch: int, context: int, free_bytes: int) -> int:
@@ -98,7 +89,7 @@ def attention_sweep(cfg, points: list[tuple[int, int]]) -> list[dict]:
                         )  # fmt: skip
                         try:
                             run()
-                            ms = g._events_ms(run, 20)
+                            ms = g.events_ms(run, 20)
                         except Exception as e:  # resources exceeded for a config
                             print(
                                 f"  B={b} ctx={c} bn={bn} w={warps} s={stages}: {type(e).__name__}"

@@ -13,8 +13,6 @@ L(L+1)/2 pairs per head and layer). ``MFU = FLOPs / time / peak`` where the peak
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -58,15 +56,7 @@ def main() -> None:
         head = 2 * cfg.vocab_size * cfg.hidden_size
         for n in lengths:
             sched = prefill(n)
-            for _ in range(2):
-                runner.execute(sched)
-            torch.cuda.synchronize()
-            samples = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                runner.execute(sched)
-                samples.append(time.perf_counter() - t0)
-            t = statistics.median(samples)
+            t = g.median_step_s(runner, sched, warmup=2, iters=5)
             flops = n * (g.linear_flops_per_token(cfg) - head) + head + g.attention_flops(cfg, n)
             mfu = flops / t / (peak * 1e12)
             rows.append(dict(attention=attention, tokens=n, ms=t * 1e3, tflops=flops / t / 1e12,
