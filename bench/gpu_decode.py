@@ -42,13 +42,15 @@ def decode_batch(batch: int, context: int, block_size: int = 16) -> SchedulerOut
 
 
 def time_steps(runner, sched: SchedulerOutput, iters: int = 20) -> tuple[float, float | None]:
-    """(median step seconds, median seconds of the CUDA graph replay alone or None)."""
+    """(median step seconds, best-of-``iters`` seconds of the CUDA graph replay alone, or
+    None when the batch does not run as a graph)."""
     step = g.median_step_s(runner, sched, warmup=3, iters=iters)
     replay = None
     graphs = runner.graphs
     if graphs is not None and graphs.can_run(sched):
-        bucket = next(x for x in graphs.buckets if x >= len(sched.chunks))
-        replay = g.events_ms(graphs.graphs[bucket].replay, iters) / 1e3
+        replay = (
+            g.events_ms(graphs.graphs[graphs.bucket_for(len(sched.chunks))].replay, iters) / 1e3
+        )
     return step, replay
 
 

@@ -114,6 +114,10 @@ class DecodeGraphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
 
+    def bucket_for(self, batch: int) -> int:
+        """The smallest captured batch size that holds ``batch`` rows."""
+        return next(x for x in self.buckets if x >= batch)
+
     def can_run(self, sched: SchedulerOutput) -> bool:
         chunks = sched.chunks
         return (
@@ -126,7 +130,7 @@ class DecodeGraphs:
         """Logits [B, vocab] float32 of the decode batch (one row per chunk, in order)."""
         chunks = sched.chunks
         b = len(chunks)
-        bucket = next(x for x in self.buckets if x >= b)
+        bucket = self.bucket_for(b)
         bs = self.block_size
         pad = bucket - b
         ids = [c.token_ids[0] for c in chunks] + [0] * pad
