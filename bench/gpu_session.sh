@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, then the named benchmarks; results copied to $OUT.
+# One device call: GPU tests, then the named benchmarks; bench/results is copied to $OUT
+# after every step (what finished comes back even if a later step runs past the limit).
 # usage: bash bench/gpu_session.sh "tests" "gpu_decode.py --eager" "gpu_prefill.py" ...
 set -u
 export PYTHONPATH=. TANDEM_CACHE_DIR=/tmp/tandem-cache
@@ -14,5 +15,4 @@ for step in "$@"; do
   fi
   mkdir -p "${OUT:-/tmp/out}" && cp -r bench/results "${OUT:-/tmp/out}/" 2>/dev/null
 done
-mkdir -p "${OUT:-/tmp/out}" && cp -r bench/results "${OUT:-/tmp/out}/" 2>/dev/null
 true
