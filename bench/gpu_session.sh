@@ -10,8 +10,8 @@ for step in "$@"; do
   if [ "$step" = tests ]; then
     timeout 240 python -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/gpu tests/engine/test_triton_kernels.py} 2>&1 | tail -25
   else
-    read -r script rest <<<"$step"
-    timeout "${BENCH_TIMEOUT:-300}" python bench/$script $rest 2>&1 | tail -45
+    # bash -c keeps quoted arguments whole: "migration.py --serve-args '--dtype bfloat16'"
+    timeout "${BENCH_TIMEOUT:-300}" bash -c "python bench/$step" 2>&1 | tail -45
   fi
   mkdir -p "${OUT:-/tmp/out}" && cp -r bench/results "${OUT:-/tmp/out}/" 2>/dev/null
 done
