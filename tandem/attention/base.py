@@ -64,6 +64,19 @@ class AttentionBackend(abc.ABC):
 
     name: str = "abstract"
 
+    def warm_up(  # noqa: B027 (optional hook: most backends have nothing to prepare)
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        sliding_window: int | None,
+    ) -> None:
+        """Called once before serving: prepare (compile) whatever the first requests would
+        otherwise wait for. Must not touch KV slots anyone owns."""
+
     @abc.abstractmethod
     def forward(
         self,

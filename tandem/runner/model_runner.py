@@ -55,12 +55,11 @@ class ModelRunner:
         self.backend = get_backend(default_backend_name(config.device) if name == "auto" else name)
         self.sampler = Sampler(seed=config.seed)
         self.graphs = None
-        if self.backend.name == "triton":
-            mc = model_config
-            self.backend.warm_up(
-                mc.num_heads, mc.num_kv_heads, mc.head_dim, cache.block_size, self.dtype,
-                self.device, mc.sliding_window,
-            )  # fmt: skip
+        mc = model_config
+        self.backend.warm_up(
+            mc.num_heads, mc.num_kv_heads, mc.head_dim, cache.block_size, self.dtype,
+            self.device, mc.sliding_window,
+        )  # fmt: skip
         if (
             self.device.type == "cuda"
             and self.backend.name == "triton"
