@@ -29,17 +29,29 @@ source, so the source needs no export until the final stop-and-copy; the destina
 one pending import stage by stage (``reserve_import`` for the first stage, ``extend_import``
 for each later one) and commits or aborts it as a whole.
 
-Not yet here: copy-on-write of a shared last block after ``fork`` (the caller must not
-write into a block whose refcount is above 1) and a prefix cache.
+Prefix caching (``prefix.py`` names the blocks, ``BlockPool`` keeps them): a table's
+leading FULL blocks whose K/V are computed are given their content names
+(``cache_blocks``); when freed they stay in the pool as evictable until a free block is
+needed. A new request starts its table with the longest named prefix it matches
+(``match_prefix`` then ``adopt_prefix``) and computes only the rest. Only full blocks are
+ever named or shared, and a request writes only at positions past its computed tokens,
+which lie in its own unnamed blocks: a shared block is never written (``check_writable``
+enforces it for every chunk the scheduler builds), and never freed or moved under another
+owner (each owner holds a reference; exports move references, not blocks).
+
+Not here: copy-on-write of a shared partial last block after ``fork`` (the caller must
+not write into a block whose refcount is above 1).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tandem.kvcache.block_pool import BlockPool, KVStateError, NoFreeBlocksError
+from tandem.kvcache.block_pool import BlockPool, EvictHook, KVStateError, NoFreeBlocksError
+from tandem.kvcache.prefix import BlockHash
 
 
 @dataclass(frozen=True)
@@ -64,12 +76,20 @@ class KVAudit:
     in_imports: int  # distinct blocks reserved for imports not yet committed
     leaked: tuple[int, ...]  # used blocks that nothing owns (must be empty)
     refcount_mismatch: tuple[int, ...]  # blocks whose refcount != number of owners (must be empty)
+    num_cached: int = 0  # named blocks, used or evictable
+    num_evictable: int = 0  # named blocks nobody references (counted in num_free)
+    # Breaks of the pool's cache invariants (names vs states, see BlockPool) -- must be empty.
+    cache_errors: tuple[str, ...] = ()
+    # Unnamed blocks held by two or more owners. Only ``fork`` makes these (the scheduler
+    # never forks): with prefix caching alone, every shared block is a named full block.
+    shared_unnamed: tuple[int, ...] = ()
 
     @property
     def ok(self) -> bool:
         return (
             not self.leaked
             and not self.refcount_mismatch
+            and not self.cache_errors
             and self.num_free + self.num_used == self.num_blocks
         )
 
@@ -97,15 +117,24 @@ class KVCacheManager:
     exported, then allocated again here); restoring that export is then an error.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, tier: str = "device") -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        tier: str = "device",
+        on_evict: EvictHook | None = None,
+    ) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         if not isinstance(tier, str) or not tier:
             raise ValueError(f"tier must be a non-empty name, got {tier!r}")
         self.block_size = block_size
         self.tier = tier
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, on_evict)
         self._tables: dict[str, list[int]] = {}
+        # Leading blocks of a table already offered to the cache (named, or found to be a
+        # duplicate of a named block), so ``cache_blocks`` is O(new blocks). Absent = 0.
+        self._offered: dict[str, int] = {}
         # A stamp from one counter, renewed on every change of a request's table: equal
         # stamps mean an identical table (consumers may cache per stamp; CUDA graphs do).
         self._stamps: dict[str, int] = {}
@@ -210,8 +239,11 @@ class KVCacheManager:
         """
         table = self._tables.pop(request_id, None)
         self._stamps.pop(request_id, None)
+        self._offered.pop(request_id, None)
         if table:
-            self.pool.free(table)
+            # Tail first: the blocks at the end of a chain are evicted before its head,
+            # which other requests are likelier to share.
+            self.pool.free(table[::-1])
 
     def fork(self, parent_id: str, child_id: str) -> None:
         """Give ``child_id`` a table that shares every block of ``parent_id``'s (refcount + 1).
@@ -226,6 +258,92 @@ class KVCacheManager:
         self.pool.incref(parent)
         self._tables[child_id] = list(parent)
         self._stamps[child_id] = next(self._stamp_counter)
+
+    # ---- prefix cache ----------------------------------------------------------------
+
+    def match_prefix(self, names: Sequence[BlockHash], max_blocks: int | None = None) -> list[int]:
+        """Blocks of this tier holding the longest prefix of ``names`` (a request's block
+        names in order), at most ``max_blocks``. Takes no reference. O(blocks matched)."""
+        lookup = self.pool.lookup
+        hit: list[int] = []
+        limit = len(names) if max_blocks is None else min(max_blocks, len(names))
+        for i in range(limit):
+            block_id = lookup(names[i])
+            if block_id is None:
+                break
+            hit.append(block_id)
+        return hit
+
+    def num_reviving(self, block_ids: Sequence[int]) -> int:
+        """How many of these named blocks are evictable (``adopt_prefix`` takes them out of
+        ``num_free``)."""
+        refcount = self.pool.refcount
+        return sum(1 for b in block_ids if refcount(b) == 0)
+
+    def adopt_prefix(self, request_id: str, block_ids: Sequence[int]) -> None:
+        """Start the request's table with cached blocks (``match_prefix``'s answer), one
+        more reference each. ``KVStateError`` (changing nothing) if the request has a
+        table or a pending import here, or a block is not cached."""
+        self._check_id_free(request_id, "adopt a cached prefix")
+        self.pool.acquire(block_ids)
+        self._tables[request_id] = list(block_ids)
+        self._offered[request_id] = len(block_ids)
+        self._stamps[request_id] = next(self._stamp_counter)
+
+    def cache_blocks(self, request_id: str, names: Sequence[BlockHash], num_tokens: int) -> int:
+        """Name the request's full blocks within its first ``num_tokens`` tokens, whose K/V
+        must be final (computed), ``names[i]`` for block ``i``. A block whose name another
+        block already holds stays private. Returns the blocks newly named; O(new blocks).
+        ``KVStateError`` if the request has no table or ``names`` is too short."""
+        table = self._tables.get(request_id)
+        if table is None:
+            raise KVStateError(f"cannot cache blocks of {request_id!r} on {self.tier}: no table")
+        full = min(num_tokens // self.block_size, len(table))
+        start = self._offered.get(request_id, 0)
+        if full <= start:
+            return 0
+        if len(names) < full:
+            raise KVStateError(
+                f"{request_id!r} has {full} full blocks on {self.tier} but {len(names)} names"
+            )
+        cache = self.pool.cache
+        named = 0
+        for i in range(start, full):
+            named += cache(table[i], names[i])
+        self._offered[request_id] = full
+        return named
+
+    def num_releasable(self, request_id: str) -> int:
+        """Blocks of the request's table that freeing it would make allocatable: those it
+        alone references. O(table)."""
+        refcount = self.pool.refcount
+        return sum(1 for b in self._tables.get(request_id, ()) if refcount(b) == 1)
+
+    def check_writable(self, request_id: str, start: int, end: int) -> None:
+        """``KVStateError`` unless the blocks holding positions ``[start, end)`` of the
+        request's table are its own: one reference and no name. A chunk that would write a
+        shared or cached block is a bug (it would change another request's K/V)."""
+        if end <= start:
+            return
+        table = self._tables.get(request_id, ())
+        pool = self.pool
+        for i in range(start // self.block_size, -(-end // self.block_size)):
+            if i >= len(table):
+                raise KVStateError(f"{request_id!r} writes position {end - 1} past its table")
+            b = table[i]
+            if pool.refcount(b) != 1 or pool.is_cached(b):
+                raise KVStateError(
+                    f"{request_id!r} would write block {b} (table index {i}) on {self.tier}, "
+                    f"which is shared or cached (refcount {pool.refcount(b)})"
+                )
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return self.pool.num_cached
+
+    @property
+    def num_evictions(self) -> int:
+        return self.pool.num_evictions
 
     # ---- export: blocks leave this tier ----------------------------------------------
 
@@ -254,8 +372,9 @@ class KVCacheManager:
             )
         del self._tables[request_id]
         self._stamps.pop(request_id, None)
+        self._offered.pop(request_id, None)
         if keep < len(table):
-            self.pool.free(table[keep:])
+            self.pool.free(table[keep:][::-1])
         exp = KVExport(request_id=request_id, block_ids=tuple(table[:keep]), num_tokens=num_tokens)
         self._exports[request_id] = exp
         return exp
@@ -263,7 +382,7 @@ class KVCacheManager:
     def release_export(self, export: KVExport) -> None:
         """The copy is done: free the export's blocks. ``KVStateError`` if it is not open."""
         self._take_export(export, "release")
-        self.pool.free(export.block_ids)
+        self.pool.free(export.block_ids[::-1])
 
     def restore_export(self, export: KVExport) -> None:
         """The copy was aborted: the export's blocks become the request's table again.
@@ -342,7 +461,8 @@ class KVCacheManager:
 
     def audit(self) -> KVAudit:
         """Count every block's owners across tables, exports and pending imports, and
-        compare with the pool. O(used blocks + owned references); never raises."""
+        compare with the pool; check the cache's name maps. O(used + named blocks + owned
+        references); never raises."""
         owners: Counter[int] = Counter()
         in_tables: set[int] = set()
         in_exports: set[int] = set()
@@ -360,6 +480,7 @@ class KVCacheManager:
         used = set(pool.used_block_ids())
         leaked = sorted(b for b in used if b not in owners)
         mismatch = sorted(b for b in used.union(owners) if self._refcount_or_none(b) != owners[b])
+        shared_unnamed = sorted(b for b, n in owners.items() if n > 1 and not pool.is_cached(b))
         return KVAudit(
             num_blocks=pool.num_blocks,
             num_free=pool.num_free,
@@ -369,6 +490,10 @@ class KVCacheManager:
             in_imports=len(in_imports),
             leaked=tuple(leaked),
             refcount_mismatch=tuple(mismatch),
+            num_cached=pool.num_cached,
+            num_evictable=pool.num_evictable,
+            cache_errors=tuple(pool.cache_problems()),
+            shared_unnamed=tuple(shared_unnamed),
         )
 
     # ---- helpers ---------------------------------------------------------------------
