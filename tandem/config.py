@@ -205,6 +205,14 @@ def kv_compat_hash(model: ModelConfig, dtype: str, block_size: int) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def kv_cache_salt(model: ModelConfig, dtype: str, block_size: int, model_name: str) -> str:
+    """The salt of prefix-cache block names (kvcache/prefix.py): the KV layout and the
+    model's name (the last part of its path, so that two machines holding the same model
+    at different paths still agree). Engines whose salts are equal share block names."""
+    name = model_name.rstrip("/").rsplit("/", 1)[-1]
+    return f"{kv_compat_hash(model, dtype, block_size)}:{name}"
+
+
 def kv_block_bytes(model: ModelConfig, dtype: str, block_size: int, int8: bool = False) -> int:
     """Bytes of one KV block (K and V of every layer): in ``dtype``, or as int8 plus one
     float32 absmax scale per layer, K/V and KV head (the host tier with ``swap_int8``)."""
@@ -222,12 +230,16 @@ class CacheConfig:
     on CUDA) that swap preemption and proactive offload use (0 = no host tier:
     preemption recomputes). ``swap_int8`` stores swapped blocks as int8 with a per-head,
     per-block absmax scale (ALISE): lossy, so off by default.
+    ``enable_prefix_caching``: full blocks are named by content and reused across
+    requests (kvcache/prefix.py); a new request computes only past its longest cached
+    prefix.
     """
 
     block_size: int = 16
     num_blocks: int = 1024
     num_host_blocks: int = 0
     swap_int8: bool = False
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         _require(

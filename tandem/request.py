@@ -167,6 +167,11 @@ class Request:
     num_recomputes: int = 0  # preemptions that discarded its KV (recompute, not swap)
     # The token that stopped the request (EOS or a stop token id), if any.
     stop_reason: int | str | None = None
+    # Prompt tokens whose K/V came from the prefix cache when it was first admitted.
+    num_cached_tokens: int = 0
+    # Content names of its full blocks, in order (kvcache/prefix.py), as far as computed
+    # so far; the scheduler extends it. Not state: any engine recomputes it from tokens.
+    block_hashes: list[bytes] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tandem.config import EngineConfig, ModelConfig, kv_compat_hash
+from tandem.config import EngineConfig, ModelConfig, kv_cache_salt, kv_compat_hash
 from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.outputs import RequestOutput
 from tandem.kvcache.manager import KVExport
@@ -79,9 +79,13 @@ class LLMEngine:
         self.config = replace(config, scheduler=replace(config.scheduler, max_model_len=max_len))
         self.runner = ModelRunner(self.config, self.model_config)
         self.cost_model = self._cost_model()
-        self.scheduler = Scheduler(
-            self.config.scheduler, self.config.cache, cost_model=self.cost_model
+        self.cache_salt = kv_cache_salt(
+            self.model_config, self.config.dtype, self.config.cache.block_size, config.model
         )
+        self.scheduler = Scheduler(
+            self.config.scheduler, self.config.cache, cost_model=self.cost_model,
+            cache_salt=self.cache_salt,
+        )  # fmt: skip
         self.tokenizer = tokenizer
         self.outputs = OutputProcessor(tokenizer, self.scheduler.finish)
         self.compat_hash = kv_compat_hash(

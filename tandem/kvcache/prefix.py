@@ -78,6 +78,15 @@ class BlockHasher:
             parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
             hashes.append(parent)
 
+    def append(self, hashes: list[BlockHash], token_ids: Sequence[int]) -> None:
+        """Append the names of the full blocks in ``token_ids``, the tokens that follow
+        the ``len(hashes)`` blocks already named (a trailing partial block is ignored)."""
+        bs = self.block_size
+        parent = hashes[-1] if hashes else self.root
+        for i in range(len(token_ids) // bs):
+            parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
+            hashes.append(parent)
+
     def hashes(self, token_ids: Sequence[int]) -> list[BlockHash]:
         out: list[BlockHash] = []
         self.extend(out, token_ids, len(token_ids))

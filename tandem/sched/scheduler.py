@@ -9,6 +9,11 @@ Each call to ``schedule()`` builds one stall-free batch (Sarathi-Serve):
 2. Swapped requests, in policy order, are swapped back in when blocks allow.
 3. Waiting requests (new or preempted), in policy order, while budget, batch size and
    free blocks allow. A chunk that does not finish the prompt ends on a block boundary.
+   With prefix caching a waiting request first takes its longest cached prefix (full
+   blocks whose names match, shared by reference), so its first chunk starts there; at
+   least one token is always left to compute, so the pass that finishes the prompt has
+   logits to sample from. Its full blocks are named as they are computed
+   (``update_from_output``), and stay cached after it ends until the space is needed.
 4. With a host tier, copies ahead of need (FastServe, rules in ``offload.py``): below the
    free-block watermark, idle low-priority residents are offloaded to the host; above
    it, swapped requests of the next batch are prefetched. The runner overlaps these
@@ -20,7 +25,10 @@ chunk, appends sampled tokens and applies token-level stop rules.
 Invariants (checked by the property tests): no request is lost (every request is in
 exactly one of waiting / running / swapped until it finishes), no block leaks (a finished
 or aborted request owns no block in either tier), the budget and batch size are never
-exceeded, and a request that fits the device tier alone always eventually runs.
+exceeded, and a request that fits the device tier alone always eventually runs. With
+prefix caching: no chunk writes a block that is shared or cached (``_add_chunk`` checks),
+and a waiting request holds no device blocks (a prefix taken for a request that is then
+not admitted is given back in the same call).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.config import CacheConfig, SchedulerConfig
-from tandem.kvcache import KVCacheManager
+from tandem.kvcache import BlockHasher, KVCacheManager, PrefixCacheStats
 from tandem.request import Request, RequestStatus
 from tandem.sched.cost_model import CostModel
 from tandem.sched.offload import Candidate, OffloadPlanner, SwapStats
@@ -84,9 +92,18 @@ class Scheduler:
         policy: SchedulingPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
         cost_model: CostModel | None = None,
+        cache_salt: str = "",
     ) -> None:
+        """``cache_salt``: what besides tokens names a block (``config.kv_cache_salt``)."""
         self.config = sched_config
         self.block_size = cache_config.block_size
+        self.caching = cache_config.enable_prefix_caching
+        self.hasher = BlockHasher(cache_config.block_size, cache_salt)
+        self.prefix_stats = PrefixCacheStats()
+        # Requests whose K/V passed through the lossy int8 host tier: nothing they hold or
+        # compute afterwards is exact, so none of it is named (until a recompute).
+        self._uncacheable: set[str] = set()
+        self._int8_swap = cache_config.swap_int8
         self.device_kv = KVCacheManager(
             cache_config.num_blocks, cache_config.block_size, tier="device"
         )
@@ -165,6 +182,7 @@ class Scheduler:
         if policy_state:
             self.policy.restore(request, policy_state, self.clock())
         self.running.append(request)
+        self._cache_computed(request)  # its imported full blocks can be shared from now on
 
     def detach(self, request_id: str) -> Request:
         """Remove a running request without freeing its blocks (for export)."""
@@ -214,8 +232,12 @@ class Scheduler:
             avail = budget - reserve
             if avail <= 0:
                 continue
+            waiting = req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+            took_prefix = waiting and admitting and self._take_prefix(req)
             n = self._chunk_len(req, avail)
             if n <= 0:
+                if took_prefix:
+                    self._drop_prefix(req)
                 continue  # no budget left for it this iteration; not a memory stall
             if req.status is RequestStatus.SWAPPED:
                 # Never swap in during an iteration that swapped out (no ping-pong), and
@@ -243,7 +265,10 @@ class Scheduler:
                     partial = n < req.num_uncomputed_tokens
                     if n <= 0 or (partial and not self.config.enable_chunked_prefill):
                         admitting = False
+                        if took_prefix:
+                            self._drop_prefix(req)
                         continue
+                    self._record_admission(req)
                     self.waiting.remove(req)
                     req.status = RequestStatus.RUNNING
                     self.running.append(req)
@@ -272,7 +297,7 @@ class Scheduler:
             idle = [
                 Candidate(
                     r.request_id,
-                    len(dev.block_table(r.request_id)),
+                    dev.num_releasable(r.request_id),
                     host.blocks_needed(r.request_id, r.num_computed_tokens),
                 )
                 for r in reversed(order)
@@ -325,7 +350,8 @@ class Scheduler:
             if short <= 0 or victim is req or rank[victim.request_id] <= rank[rid]:
                 break
             victims.append(victim)
-            short -= len(self.device_kv.block_table(victim.request_id))
+            # Only blocks it alone holds come free; shared prefix blocks stay.
+            short -= self.device_kv.num_releasable(victim.request_id)
         if short <= 0:
             return n, victims
         room = (
@@ -371,6 +397,9 @@ class Scheduler:
     def _add_chunk(self, req: Request, n: int, out: SchedulerOutput) -> None:
         self.device_kv.allocate(req.request_id, req.num_computed_tokens + n)
         start = req.num_computed_tokens
+        if self.caching:
+            # The chunk writes K/V at start .. start + n: never into a shared or cached block.
+            self.device_kv.check_writable(req.request_id, start, start + n)
         tokens = req.token_slice(start, start + n)
         out.chunks.append(
             ScheduledChunk(
@@ -383,6 +412,50 @@ class Scheduler:
             )
         )
 
+    # ------------------------------------------------------------------ prefix cache
+    def block_names(self, req: Request, num_tokens: int) -> list[bytes]:
+        """The request's block names, extended to its full blocks within ``num_tokens``
+        tokens (O(new blocks))."""
+        names = req.block_hashes
+        full = min(num_tokens, req.num_tokens) // self.block_size
+        if full > len(names):
+            bs = self.block_size
+            self.hasher.append(names, req.token_slice(len(names) * bs, full * bs))
+        return names
+
+    def _take_prefix(self, req: Request) -> bool:
+        """Start a waiting request's table with its longest cached prefix, leaving at
+        least one token to compute. False (nothing taken) on a miss or with caching off."""
+        if not self.caching:
+            return False
+        names = self.block_names(req, req.num_tokens)
+        hit = self.device_kv.match_prefix(names, (req.num_tokens - 1) // self.block_size)
+        if not hit:
+            return False
+        self.device_kv.adopt_prefix(req.request_id, hit)
+        req.num_computed_tokens = len(hit) * self.block_size
+        return True
+
+    def _drop_prefix(self, req: Request) -> None:
+        """Undo ``_take_prefix`` for a request that is not admitted now (blocks stay cached)."""
+        self.device_kv.free(req.request_id)
+        req.num_computed_tokens = 0
+
+    def _record_admission(self, req: Request) -> None:
+        hit = req.num_computed_tokens
+        if req.status is RequestStatus.WAITING:  # first admission
+            req.num_cached_tokens = hit
+            self.prefix_stats.record(req.num_prompt_tokens, hit)
+        else:
+            self.prefix_stats.resume_hit_tokens += hit
+
+    def _cache_computed(self, req: Request) -> None:
+        """Name the request's newly computed full blocks, so other requests can share them."""
+        if not self.caching or req.request_id in self._uncacheable:
+            return
+        n = req.num_computed_tokens
+        self.device_kv.cache_blocks(req.request_id, self.block_names(req, n), n)
+
     # ------------------------------------------------------------------ preemption
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
@@ -394,6 +467,7 @@ class Scheduler:
         self.device_kv.free(req.request_id)
         req.num_computed_tokens = 0
         req.num_recomputes += 1
+        self._uncacheable.discard(req.request_id)  # recomputed from exact K/V
         req.status = RequestStatus.PREEMPTED
         self.waiting.append(req)
 
@@ -442,6 +516,8 @@ class Scheduler:
         # Host blocks may be reused at once: swap-ins and swap-outs never share an
         # iteration, so nothing overwrites them before the runner copies them.
         self.host_kv.release_export(export)
+        if self._int8_swap:
+            self._uncacheable.add(req.request_id)
         self.swap.in_blocks += len(dst)
         self.offload.note_swap_in(req.request_id, self.iteration)
         self.swapped.remove(req)
@@ -464,6 +540,7 @@ class Scheduler:
             if req.is_finished or req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the iteration ran
             req.num_computed_tokens += chunk.num_tokens
+            self._cache_computed(req)
             self.policy.on_service(req, chunk.num_tokens, seconds, now)
             if not chunk.sample:
                 continue
@@ -489,6 +566,7 @@ class Scheduler:
         if self.host_kv is not None:
             self.host_kv.free(request_id)
         self.offload.forget(request_id)
+        self._uncacheable.discard(request_id)
         req.status = status
         self.policy.on_finish(req)
         return req

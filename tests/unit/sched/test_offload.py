@@ -31,8 +31,10 @@ def _run(s: Scheduler, out) -> None:
 
 
 def _req(rid: str, prompt: int, max_tokens: int, priority: int = 0, t: float = 0.0) -> Request:
+    # A token of its own per request: no two share a cached prefix (these tests count blocks).
+    token = 3 + sum(map(ord, rid))
     return Request(
-        rid, [3] * prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), t, priority
+        rid, [token] * prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), t, priority
     )
 
 
