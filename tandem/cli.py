@@ -54,6 +54,20 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="store swapped KV blocks as int8 with per-head absmax scales (lossy)",
     )
+    caching = p.add_mutually_exclusive_group()
+    caching.add_argument(
+        "--enable-prefix-caching",
+        dest="prefix_caching",
+        action="store_true",
+        default=True,
+        help="reuse the KV of cached full blocks across requests that share a prefix (default)",
+    )
+    caching.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt from scratch",
+    )
     p.add_argument("--max-num-seqs", type=int, default=256, help="max requests per iteration")
     p.add_argument(
         "--max-num-batched-tokens", type=int, default=2048, help="token budget per iteration"
@@ -361,6 +375,7 @@ def _engine_config(
             host_kv_gib=args.host_kv_gib,
             swap_watermark=args.swap_watermark,
             swap_int8=args.swap_int8,
+            enable_prefix_caching=args.prefix_caching,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_chunked_prefill=not args.no_chunked_prefill,
@@ -596,6 +611,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         engine_flags.append("--no-chunked-prefill")
     if args.swap_int8:
         engine_flags.append("--swap-int8")
+    if not args.prefix_caching:
+        engine_flags.append("--no-prefix-caching")
     if args.enforce_eager:
         engine_flags.append("--enforce-eager")
     if args.decode_workers:

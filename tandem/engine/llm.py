@@ -34,7 +34,8 @@ class LLM:
 
     ``model=None`` is the bundled tiny model. ``options`` are those of
     ``build_engine_config`` (below): seed, block_size, kv_blocks, host_kv_blocks,
-    host_kv_gib, swap_watermark, swap_int8, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, policy,
+    host_kv_gib, swap_watermark, swap_int8, enable_prefix_caching, max_num_seqs,
+    max_num_batched_tokens, enable_chunked_prefill, policy,
     preemption_mode, max_model_len, cost_model, mlfq_q0, starvation_limit.
     """
 
@@ -124,6 +125,7 @@ def build_engine_config(
     host_kv_gib: float | None = None,
     swap_watermark: float = 0.05,
     swap_int8: bool = False,
+    enable_prefix_caching: bool = True,
     max_num_seqs: int = 256,
     max_num_batched_tokens: int = 2048,
     enable_chunked_prefill: bool = True,
@@ -177,6 +179,7 @@ def build_engine_config(
             num_blocks=kv_blocks,
             num_host_blocks=host_kv_blocks,
             swap_int8=swap_int8,
+            enable_prefix_caching=enable_prefix_caching,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=max_num_seqs,
