@@ -357,4 +357,5 @@ class WorkerService:
             "swap_in_wait_seconds": round(swap.in_wait_s, 6),
             "swap_out_wait_seconds": round(swap.out_wait_s, 6),
             "iterations": self.engine.num_iterations,
+            **(s.cache_stats() if hasattr(s, "cache_stats") else {}),
         }

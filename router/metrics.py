@@ -202,6 +202,7 @@ class RouterMetrics:
                 "tandem_worker_queued_prefill_tokens",
                 "Prompt tokens waiting (prefill workers)",
             ),
+            **PREFIX_CACHE_GAUGES,
         }
         for key, (name, help_text) in gauges.items():
             kind = "counter" if name.endswith("_total") else "gauge"
@@ -209,4 +210,81 @@ class RouterMetrics:
             for worker, stats in sorted(workers.items()):
                 if key in stats:
                     lines.append(f'{name}{{worker="{worker}"}} {stats[key]}')
+        lines += prefix_cache_totals(workers)
         return "\n".join(lines) + "\n"
+
+
+# Prefix caching (tandem/kvcache/prefix.py): per worker, from its stats.
+PREFIX_CACHE_GAUGES = {
+    "prefix_cache_queries": (
+        "tandem_worker_prefix_cache_queries_total",
+        "Requests admitted, each counted once (prefix-cache lookups)",
+    ),
+    "prefix_cache_hits": (
+        "tandem_worker_prefix_cache_hits_total",
+        "Admitted requests that found at least one cached block",
+    ),
+    "prefix_cache_query_tokens": (
+        "tandem_worker_prefix_cache_query_tokens_total",
+        "Prompt tokens of admitted requests",
+    ),
+    "prefix_cache_hit_tokens": (
+        "tandem_worker_prefix_cache_hit_tokens_total",
+        "Prompt tokens whose KV came from the prefix cache instead of being computed",
+    ),
+    "prefix_cache_host_hit_tokens": (
+        "tandem_worker_prefix_cache_host_hit_tokens_total",
+        "Of the hit tokens, those swapped in from the host tier's cache",
+    ),
+    "prefix_cache_resume_hit_tokens": (
+        "tandem_worker_prefix_cache_resume_hit_tokens_total",
+        "Tokens a request preempted by recompute got back from the cache on resuming",
+    ),
+    "prefix_cache_hit_rate": (
+        "tandem_worker_prefix_cache_hit_rate",
+        "Prompt-token hit rate of the prefix cache",
+    ),
+    "prefix_cache_request_hit_rate": (
+        "tandem_worker_prefix_cache_request_hit_rate",
+        "Fraction of admitted requests that hit the prefix cache",
+    ),
+    "kv_cached_blocks": (
+        "tandem_worker_kv_cached_blocks",
+        "Device KV blocks holding a cached (named) prefix block, in use or evictable",
+    ),
+    "kv_evictable_blocks": (
+        "tandem_worker_kv_evictable_blocks",
+        "Cached device KV blocks no request holds (counted as free)",
+    ),
+    "kv_cache_evictions": (
+        "tandem_worker_kv_cache_evictions_total",
+        "Cached device KV blocks evicted to make room",
+    ),
+    "host_kv_cached_blocks": (
+        "tandem_worker_host_kv_cached_blocks",
+        "Host-tier KV blocks holding a cached prefix block",
+    ),
+    "host_kv_cache_evictions": (
+        "tandem_worker_host_kv_cache_evictions_total",
+        "Cached host-tier KV blocks evicted to make room",
+    ),
+}
+
+
+def prefix_cache_totals(workers: dict[str, dict]) -> list[str]:
+    """The prefix-cache hit rates over every worker (tokens and requests)."""
+    sums = {
+        k: sum(int(s.get(k) or 0) for s in workers.values())
+        for k in ("prefix_cache_queries", "prefix_cache_hits", "prefix_cache_query_tokens",
+                  "prefix_cache_hit_tokens")
+    }  # fmt: skip
+    tokens = sums["prefix_cache_query_tokens"]
+    queries = sums["prefix_cache_queries"]
+    return [
+        "# HELP tandem_prefix_cache_hit_rate Prompt-token hit rate of the prefix cache, all workers",
+        "# TYPE tandem_prefix_cache_hit_rate gauge",
+        f"tandem_prefix_cache_hit_rate {sums['prefix_cache_hit_tokens'] / tokens if tokens else 0.0}",
+        "# HELP tandem_prefix_cache_request_hit_rate Fraction of requests that hit, all workers",
+        "# TYPE tandem_prefix_cache_request_hit_rate gauge",
+        f"tandem_prefix_cache_request_hit_rate {sums['prefix_cache_hits'] / queries if queries else 0.0}",
+    ]

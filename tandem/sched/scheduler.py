@@ -456,6 +456,26 @@ class Scheduler:
         n = req.num_computed_tokens
         self.device_kv.cache_blocks(req.request_id, self.block_names(req, n), n)
 
+    def cache_stats(self) -> dict[str, int | float]:
+        """Prefix-cache figures for worker stats and /metrics (counters are cumulative)."""
+        p, dev, host = self.prefix_stats, self.device_kv, self.host_kv
+        return {
+            "prefix_caching": int(self.caching),
+            "prefix_cache_queries": p.queries,
+            "prefix_cache_hits": p.hits,
+            "prefix_cache_query_tokens": p.query_tokens,
+            "prefix_cache_hit_tokens": p.hit_tokens,
+            "prefix_cache_host_hit_tokens": p.host_hit_tokens,
+            "prefix_cache_resume_hit_tokens": p.resume_hit_tokens,
+            "prefix_cache_hit_rate": round(p.token_hit_rate, 6),
+            "prefix_cache_request_hit_rate": round(p.request_hit_rate, 6),
+            "kv_cached_blocks": dev.num_cached_blocks,
+            "kv_evictable_blocks": dev.pool.num_evictable,
+            "kv_cache_evictions": dev.num_evictions,
+            "host_kv_cached_blocks": 0 if host is None else host.num_cached_blocks,
+            "host_kv_cache_evictions": 0 if host is None else host.num_evictions,
+        }
+
     # ------------------------------------------------------------------ preemption
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
