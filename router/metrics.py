@@ -268,6 +268,14 @@ PREFIX_CACHE_GAUGES = {
         "tandem_worker_host_kv_cache_evictions_total",
         "Cached host-tier KV blocks evicted to make room",
     ),
+    "host_cache_write_blocks": (
+        "tandem_worker_prefix_cache_host_write_blocks_total",
+        "Evicted cached device blocks written to the host tier's cache",
+    ),
+    "host_cache_load_blocks": (
+        "tandem_worker_prefix_cache_host_load_blocks_total",
+        "Cached blocks loaded from the host tier instead of being recomputed",
+    ),
 }
 
 

@@ -4,11 +4,12 @@ A ``KVCacheManager`` owns one ``BlockPool`` (the device's or the host's blocks) 
 each request id to its block table: the ordered block ids that hold its K/V, token ``t``
 in block ``table[t // block_size]`` at slot ``t % block_size``.
 
-Every used block has one reference per owner, and there are exactly three kinds of owner:
+Every used block has one reference per owner, and there are exactly four kinds of owner:
 
     table    a live request's block table (``allocate``, ``fork``, ``commit_import``)
     export   blocks detached from a table while their bytes are copied out
     import   blocks reserved for bytes being copied in, not yet a table
+    pin      cached blocks held while their bytes are read (a prefix-cache load), ``pin``
 
 Handoff (prefill -> decode), offload (device -> host) and migration (decode -> decode) are
 all the same two-sided move, written here once::
@@ -141,6 +142,8 @@ class KVCacheManager:
         self._stamp_counter = itertools.count(1)
         self._exports: dict[str, KVExport] = {}
         self._imports: dict[str, _PendingImport] = {}
+        self._pins: dict[int, tuple[int, ...]] = {}
+        self._pin_ids = itertools.count(1)
 
     def __repr__(self) -> str:
         return (
@@ -337,6 +340,25 @@ class KVCacheManager:
                     f"which is shared or cached (refcount {pool.refcount(b)})"
                 )
 
+    def pin(self, block_ids: Sequence[int]) -> int:
+        """Hold cached blocks (used or evictable) while their bytes are read elsewhere;
+        returns the pin to ``unpin``. ``KVStateError`` (nothing held) on an unnamed block."""
+        self.pool.acquire(block_ids)
+        pin = next(self._pin_ids)
+        self._pins[pin] = tuple(block_ids)
+        return pin
+
+    def unpin(self, pin: int) -> None:
+        """Drop a pin's references. ``KVStateError`` if it is not held."""
+        ids = self._pins.pop(pin, None)
+        if ids is None:
+            raise KVStateError(f"pin {pin} is not held on {self.tier}")
+        self.pool.free(ids)
+
+    @property
+    def num_pins(self) -> int:
+        return len(self._pins)
+
     @property
     def num_cached_blocks(self) -> int:
         return self.pool.num_cached
@@ -460,7 +482,7 @@ class KVCacheManager:
     # ---- audit -----------------------------------------------------------------------
 
     def audit(self) -> KVAudit:
-        """Count every block's owners across tables, exports and pending imports, and
+        """Count every block's owners across tables, exports, pending imports and pins, and
         compare with the pool; check the cache's name maps. O(used + named blocks + owned
         references); never raises."""
         owners: Counter[int] = Counter()
@@ -476,6 +498,8 @@ class KVCacheManager:
         for pending in self._imports.values():
             owners.update(pending.block_ids)
             in_imports.update(pending.block_ids)
+        for ids in self._pins.values():
+            owners.update(ids)
         pool = self.pool
         used = set(pool.used_block_ids())
         leaked = sorted(b for b in used if b not in owners)

@@ -45,6 +45,8 @@ class _Tally:
     in_wait_s: float = 0.0
     out_wait_s: float = 0.0
     copy_s: float = 0.0
+    cache_out_bytes: int = 0
+    cache_in_bytes: int = 0
 
     def wait(self, direction: str, seconds: float) -> None:
         if direction == "in":
@@ -53,7 +55,10 @@ class _Tally:
             self.out_wait_s += seconds
 
     def freeze(self) -> SwapIO:
-        return SwapIO(self.out_bytes, self.in_bytes, self.in_wait_s, self.out_wait_s, self.copy_s)
+        return SwapIO(
+            self.out_bytes, self.in_bytes, self.in_wait_s, self.out_wait_s, self.copy_s,
+            self.cache_out_bytes, self.cache_in_bytes,
+        )  # fmt: skip
 
 
 class KVSwapper:
@@ -69,9 +74,16 @@ class KVSwapper:
     def run(self, sched: SchedulerOutput) -> SwapIO:
         tally, self._carry = self._carry, _Tally()
         self._drain(tally)  # last iteration's offloads/prefetches land before this forward
+        # The order of sched/output.py: prefix-cache write-backs first, cache loads last.
+        tally.cache_out_bytes += (
+            sum(len(c.src) for c in sched.cache_out) * self.host.bytes_per_block
+        )
+        tally.cache_in_bytes += sum(len(c.src) for c in sched.cache_in) * self.host.bytes_per_block
         for copies, direction, ahead in (
+            (sched.cache_out, "out", False),
             (sched.swap_out, "out", False),
             (sched.swap_in, "in", False),
+            (sched.cache_in, "in", False),
             (sched.offload, "out", True),
             (sched.prefetch, "in", True),
         ):

@@ -84,7 +84,7 @@ class ModelRunner:
         out = RunnerOutput()
         if self.swapper is not None:
             out.swap = self.swapper.run(sched)
-        elif sched.swaps_out or sched.swaps_in:
+        elif sched.swaps_out or sched.swaps_in or sched.copies_cache:
             raise AssertionError("swap scheduled without a host tier")
         if not sched.chunks:
             return out

@@ -62,6 +62,11 @@ class SwapStats:
     in_wait_s: float = 0.0  # the decode loop waited this long for swap-ins to land
     out_wait_s: float = 0.0  # ... and this long for swap-outs
     copy_s: float = 0.0  # time the copies themselves took (device time on CUDA)
+    # Hierarchical prefix cache (not counted above, except in the byte totals):
+    cache_out_blocks: int = 0  # cached device blocks written to the host cache on eviction
+    cache_in_blocks: int = 0  # host cache hits loaded into device blocks
+    cache_out_bytes: int = 0
+    cache_in_bytes: int = 0
 
     def add_io(self, io: SwapIO) -> None:
         self.out_bytes += io.out_bytes
@@ -69,6 +74,8 @@ class SwapStats:
         self.in_wait_s += io.in_wait_s
         self.out_wait_s += io.out_wait_s
         self.copy_s += io.copy_s
+        self.cache_out_bytes += io.cache_out_bytes
+        self.cache_in_bytes += io.cache_in_bytes
 
 
 def watermark_blocks(fraction: float, num_blocks: int) -> int:

@@ -13,6 +13,17 @@ an offload gave up, or run the request a prefetch brought in) and before any oth
 of those blocks. Copies between the same two blocks keep the order they were issued in,
 across iterations. Within one iteration, ``swap_out`` + ``offload`` and ``swap_in`` +
 ``prefetch`` are never both non-empty (no ping-pong).
+
+The hierarchical prefix cache adds two lists of copies needed now. The full order is::
+
+    cache_out, swap_out, swap_in, cache_in, forward pass   (offload, prefetch: ahead)
+
+``cache_out`` writes cached device blocks being evicted in this iteration to the host
+tier's cache (before anything reuses them); ``cache_in`` loads cached host blocks into a
+new request's device blocks (after every host write of the iteration, so a host block
+named in this iteration is read with its bytes in place). They may share an iteration
+with any other copy: the host blocks a swap-in or a cache load reads stay referenced
+until ``update_from_output``, so no copy of the same iteration writes them.
 """
 
 from __future__ import annotations
@@ -56,6 +67,8 @@ class SchedulerOutput:
     swap_in: list[BlockCopy] = field(default_factory=list)  # host -> device
     offload: list[BlockCopy] = field(default_factory=list)  # device -> host, ahead of need
     prefetch: list[BlockCopy] = field(default_factory=list)  # host -> device, ahead of need
+    cache_out: list[BlockCopy] = field(default_factory=list)  # evicted cached blocks -> host
+    cache_in: list[BlockCopy] = field(default_factory=list)  # host cache hits -> device
     preempted: list[str] = field(default_factory=list)
 
     @property
@@ -71,8 +84,14 @@ class SchedulerOutput:
         return bool(self.swap_in or self.prefetch)
 
     @property
+    def copies_cache(self) -> bool:
+        return bool(self.cache_out or self.cache_in)
+
+    @property
     def is_empty(self) -> bool:
-        return not self.chunks and not self.swaps_out and not self.swaps_in
+        return (
+            not self.chunks and not self.swaps_out and not self.swaps_in and not self.copies_cache
+        )
 
 
 @dataclass(frozen=True)
@@ -84,6 +103,8 @@ class SwapIO:
     in_wait_s: float = 0.0  # the loop blocked this long waiting for swap-ins to land
     out_wait_s: float = 0.0
     copy_s: float = 0.0  # duration of the copies completed (device time on CUDA)
+    cache_out_bytes: int = 0  # of out_bytes, written by cache_out copies
+    cache_in_bytes: int = 0  # of in_bytes, read by cache_in copies
 
 
 @dataclass

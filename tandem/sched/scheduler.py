@@ -14,6 +14,8 @@ Each call to ``schedule()`` builds one stall-free batch (Sarathi-Serve):
    least one token is always left to compute, so the pass that finishes the prompt has
    logits to sample from. Its full blocks are named as they are computed
    (``update_from_output``), and stay cached after it ends until the space is needed.
+   With a host tier the cache has two levels (``prefix_cache.py``): evicted cached
+   blocks are written to the host, and a prefix found there is loaded back.
 4. With a host tier, copies ahead of need (FastServe, rules in ``offload.py``): below the
    free-block watermark, idle low-priority residents are offloaded to the host; above
    it, swapped requests of the next batch are prefetched. The runner overlaps these
@@ -38,12 +40,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.config import CacheConfig, SchedulerConfig
-from tandem.kvcache import BlockHasher, KVCacheManager, PrefixCacheStats
+from tandem.kvcache import KVCacheManager
 from tandem.request import Request, RequestStatus
 from tandem.sched.cost_model import CostModel
 from tandem.sched.offload import Candidate, OffloadPlanner, SwapStats
 from tandem.sched.output import BlockCopy, RunnerOutput, ScheduledChunk, SchedulerOutput
 from tandem.sched.policy import SchedulingPolicy, make_policy
+from tandem.sched.prefix_cache import PrefixCache
 
 
 def check_fits(
@@ -98,12 +101,6 @@ class Scheduler:
         self.config = sched_config
         self.block_size = cache_config.block_size
         self.caching = cache_config.enable_prefix_caching
-        self.hasher = BlockHasher(cache_config.block_size, cache_salt)
-        self.prefix_stats = PrefixCacheStats()
-        # Requests whose K/V passed through the lossy int8 host tier: nothing they hold or
-        # compute afterwards is exact, so none of it is named (until a recompute).
-        self._uncacheable: set[str] = set()
-        self._int8_swap = cache_config.swap_int8
         self.device_kv = KVCacheManager(
             cache_config.num_blocks, cache_config.block_size, tier="device"
         )
@@ -112,6 +109,11 @@ class Scheduler:
             if cache_config.num_host_blocks > 0
             else None
         )
+        self.swap = SwapStats()
+        self.prefix = PrefixCache(
+            self.caching, cache_config.block_size, cache_salt, self.device_kv, self.host_kv,
+            cache_config.swap_int8, self.swap,
+        )  # fmt: skip
         self.cost_model = cost_model or CostModel()
         self.policy = policy or make_policy(
             sched_config.policy,
@@ -135,7 +137,6 @@ class Scheduler:
         self.iteration = 0  # schedule() calls so far
         # Counters for metrics.
         self.num_preemptions = 0
-        self.swap = SwapStats()
 
     @property
     def num_swapped_out_blocks(self) -> int:
@@ -182,7 +183,7 @@ class Scheduler:
         if policy_state:
             self.policy.restore(request, policy_state, self.clock())
         self.running.append(request)
-        self._cache_computed(request)  # its imported full blocks can be shared from now on
+        self.prefix.computed(request)  # its imported full blocks can be shared from now on
 
     def detach(self, request_id: str) -> Request:
         """Remove a running request without freeing its blocks (for export)."""
@@ -202,10 +203,18 @@ class Scheduler:
 
     # ------------------------------------------------------------------ batch building
     def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        self.prefix.begin(out)
+        try:
+            self._build(out)
+        finally:
+            self.prefix.end()
+        return out
+
+    def _build(self, out: SchedulerOutput) -> None:
         now = self.clock()
         self._scheduled_at = now
         self.iteration += 1
-        out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         live = [*self.running, *self.swapped, *self.waiting]
         self.policy.before_schedule(live, now)
@@ -233,11 +242,11 @@ class Scheduler:
             if avail <= 0:
                 continue
             waiting = req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-            took_prefix = waiting and admitting and self._take_prefix(req)
+            took_prefix = waiting and admitting and self.prefix.take(req)
             n = self._chunk_len(req, avail)
             if n <= 0:
                 if took_prefix:
-                    self._drop_prefix(req)
+                    self.prefix.drop(req)
                 continue  # no budget left for it this iteration; not a memory stall
             if req.status is RequestStatus.SWAPPED:
                 # Never swap in during an iteration that swapped out (no ping-pong), and
@@ -266,9 +275,9 @@ class Scheduler:
                     if n <= 0 or (partial and not self.config.enable_chunked_prefill):
                         admitting = False
                         if took_prefix:
-                            self._drop_prefix(req)
+                            self.prefix.drop(req)
                         continue
-                    self._record_admission(req)
+                    self.prefix.admitted(req, out)
                     self.waiting.remove(req)
                     req.status = RequestStatus.RUNNING
                     self.running.append(req)
@@ -283,7 +292,6 @@ class Scheduler:
             budget -= n
         if self.offload.enabled:
             self._plan_ahead(order, out)
-        return out
 
     def _plan_ahead(self, order: list[Request], out: SchedulerOutput) -> None:
         """Offload below the watermark or prefetch above it (rules in ``offload.py``)."""
@@ -413,68 +421,17 @@ class Scheduler:
         )
 
     # ------------------------------------------------------------------ prefix cache
+    @property
+    def prefix_stats(self):
+        return self.prefix.stats
+
     def block_names(self, req: Request, num_tokens: int) -> list[bytes]:
-        """The request's block names, extended to its full blocks within ``num_tokens``
-        tokens (O(new blocks))."""
-        names = req.block_hashes
-        full = min(num_tokens, req.num_tokens) // self.block_size
-        if full > len(names):
-            bs = self.block_size
-            self.hasher.append(names, req.token_slice(len(names) * bs, full * bs))
-        return names
-
-    def _take_prefix(self, req: Request) -> bool:
-        """Start a waiting request's table with its longest cached prefix, leaving at
-        least one token to compute. False (nothing taken) on a miss or with caching off."""
-        if not self.caching:
-            return False
-        names = self.block_names(req, req.num_tokens)
-        hit = self.device_kv.match_prefix(names, (req.num_tokens - 1) // self.block_size)
-        if not hit:
-            return False
-        self.device_kv.adopt_prefix(req.request_id, hit)
-        req.num_computed_tokens = len(hit) * self.block_size
-        return True
-
-    def _drop_prefix(self, req: Request) -> None:
-        """Undo ``_take_prefix`` for a request that is not admitted now (blocks stay cached)."""
-        self.device_kv.free(req.request_id)
-        req.num_computed_tokens = 0
-
-    def _record_admission(self, req: Request) -> None:
-        hit = req.num_computed_tokens
-        if req.status is RequestStatus.WAITING:  # first admission
-            req.num_cached_tokens = hit
-            self.prefix_stats.record(req.num_prompt_tokens, hit)
-        else:
-            self.prefix_stats.resume_hit_tokens += hit
-
-    def _cache_computed(self, req: Request) -> None:
-        """Name the request's newly computed full blocks, so other requests can share them."""
-        if not self.caching or req.request_id in self._uncacheable:
-            return
-        n = req.num_computed_tokens
-        self.device_kv.cache_blocks(req.request_id, self.block_names(req, n), n)
+        """The request's block names, extended to its full blocks within ``num_tokens``."""
+        return self.prefix.names(req, num_tokens)
 
     def cache_stats(self) -> dict[str, int | float]:
         """Prefix-cache figures for worker stats and /metrics (counters are cumulative)."""
-        p, dev, host = self.prefix_stats, self.device_kv, self.host_kv
-        return {
-            "prefix_caching": int(self.caching),
-            "prefix_cache_queries": p.queries,
-            "prefix_cache_hits": p.hits,
-            "prefix_cache_query_tokens": p.query_tokens,
-            "prefix_cache_hit_tokens": p.hit_tokens,
-            "prefix_cache_host_hit_tokens": p.host_hit_tokens,
-            "prefix_cache_resume_hit_tokens": p.resume_hit_tokens,
-            "prefix_cache_hit_rate": round(p.token_hit_rate, 6),
-            "prefix_cache_request_hit_rate": round(p.request_hit_rate, 6),
-            "kv_cached_blocks": dev.num_cached_blocks,
-            "kv_evictable_blocks": dev.pool.num_evictable,
-            "kv_cache_evictions": dev.num_evictions,
-            "host_kv_cached_blocks": 0 if host is None else host.num_cached_blocks,
-            "host_kv_cache_evictions": 0 if host is None else host.num_evictions,
-        }
+        return self.prefix.stats_dict()
 
     # ------------------------------------------------------------------ preemption
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
@@ -487,7 +444,7 @@ class Scheduler:
         self.device_kv.free(req.request_id)
         req.num_computed_tokens = 0
         req.num_recomputes += 1
-        self._uncacheable.discard(req.request_id)  # recomputed from exact K/V
+        self.prefix.recomputes(req.request_id)
         req.status = RequestStatus.PREEMPTED
         self.waiting.append(req)
 
@@ -513,6 +470,7 @@ class Scheduler:
         copies = out.offload if ahead else out.swap_out
         copies.append(BlockCopy("device", export.block_ids, tuple(dst)))
         host.commit_import(req.request_id)
+        self.prefix.swapped_out(req)
         # Safe to free now: the runner copies swap-outs before the forward pass, and an
         # offload's blocks are not handed out again until the next iteration.
         self.device_kv.release_export(export)
@@ -533,11 +491,10 @@ class Scheduler:
         copies = out.prefetch if ahead else out.swap_in
         copies.append(BlockCopy("host", export.block_ids, tuple(dst)))
         self.device_kv.commit_import(req.request_id)
-        # Host blocks may be reused at once: swap-ins and swap-outs never share an
-        # iteration, so nothing overwrites them before the runner copies them.
-        self.host_kv.release_export(export)
-        if self._int8_swap:
-            self._uncacheable.add(req.request_id)
+        # The host blocks stay held until the runner copied them: no swap-out shares the
+        # iteration, but a prefix-cache write-back may (prefix_cache.py).
+        self.prefix.hold(export)
+        self.prefix.swapped_in(req)
         self.swap.in_blocks += len(dst)
         self.offload.note_swap_in(req.request_id, self.iteration)
         self.swapped.remove(req)
@@ -554,13 +511,14 @@ class Scheduler:
         if seconds is None:
             seconds = max(now - self._scheduled_at, 0.0)
         self.swap.add_io(runner_out.swap)
+        self.prefix.release_holds()  # the iteration's copies have run
         events: list[TokenEvent] = []
         for chunk in sched_out.chunks:
             req = chunk.request
             if req.is_finished or req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the iteration ran
             req.num_computed_tokens += chunk.num_tokens
-            self._cache_computed(req)
+            self.prefix.computed(req)
             self.policy.on_service(req, chunk.num_tokens, seconds, now)
             if not chunk.sample:
                 continue
@@ -586,7 +544,7 @@ class Scheduler:
         if self.host_kv is not None:
             self.host_kv.free(request_id)
         self.offload.forget(request_id)
-        self._uncacheable.discard(request_id)
+        self.prefix.forget(request_id)
         req.status = status
         self.policy.on_finish(req)
         return req

@@ -79,8 +79,10 @@ def test_tiny_device_tier_offloads_and_matches_an_unconstrained_run(
     swap = engine.scheduler.swap
     assert swap.proactive_outs > 0, "nothing was offloaded under the watermark"
     assert swap.out_blocks > 0 and swap.in_blocks > 0
-    assert swap.out_bytes == swap.out_blocks * engine.runner.host_kv.bytes_per_block
-    assert swap.in_bytes == swap.in_blocks * engine.runner.host_kv.bytes_per_block
+    bpb = engine.runner.host_kv.bytes_per_block  # of out_bytes, prefix-cache write-backs apart
+    assert swap.out_bytes - swap.cache_out_bytes == swap.out_blocks * bpb
+    assert swap.cache_out_bytes == swap.cache_out_blocks * bpb
+    assert swap.in_bytes - swap.cache_in_bytes == swap.in_blocks * bpb
     assert swap.in_wait_s > 0  # on CPU every swap-in is synchronous
     assert out == ref
 

@@ -7,7 +7,8 @@ that resends the previous turn. A first wave warms the cache; the second wave ar
 together (hits on cached blocks and on blocks computed by its own members) and a third
 arrives while the second is decoding. Each engine output must equal transformers' greedy
 output for that prompt run alone, with a roomy cache, and with a cache so small that
-requests are preempted by recompute or by swapping to a host tier.
+requests are preempted by recompute or by swapping to a host tier (which then also
+keeps evicted cached blocks and serves them back: the hierarchical cache).
 """
 
 from __future__ import annotations
@@ -140,4 +141,6 @@ def test_parity_with_shared_prefixes_under_preemption(arch, mode, tiny_model_dir
     assert sched.prefix_stats.hit_tokens > 0 and sched.device_kv.num_evictions > 0
     if mode == "swap":
         assert sched.num_swapped_out_blocks > 0 and sched.num_swapped_in_blocks > 0
+        # The host tier is a second cache level: evicted prefixes came back from it.
+        assert sched.swap.cache_out_blocks > 0 and sched.prefix_stats.host_hit_tokens > 0
     _assert_parity(refs, reqs)

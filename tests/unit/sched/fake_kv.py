@@ -47,10 +47,13 @@ class FakeKVRunner:
                 dst[b] = list(src[a])
 
     def run(self, out: SchedulerOutput) -> RunnerOutput:
-        # The runner's order (sched/output.py): swap-outs, swap-ins, then the forward pass
-        # (copies ahead of need touch no block of this batch, so their order is free).
+        # The runner's order (sched/output.py): cache write-backs, swap-outs, swap-ins,
+        # cache loads, then the forward pass (copies ahead of need touch no block of this
+        # batch, so their order is free).
+        self._copy(out.cache_out, "host")
         self._copy(out.swap_out, "host")
         self._copy(out.swap_in, "device")
+        self._copy(out.cache_in, "device")
         self._copy(out.offload, "host")
         self._copy(out.prefetch, "device")
         dev, bs = self.tiers["device"], self.bs

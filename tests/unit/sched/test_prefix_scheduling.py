@@ -91,7 +91,7 @@ workloads = st.lists(
 
 
 @pytest.mark.parametrize("policy_name", ["fcfs", "mlfq"])
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     reqs=workloads,
     budget=st.integers(1, 40),
