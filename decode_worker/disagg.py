@@ -5,7 +5,9 @@ A request's life in this process:
 1. The router sends ``expect`` {request_id} on its connection, before it submits the
    prompt to a prefill worker: the tokens of that request will go back on this connection.
 2. A prefill worker offers the request's KV (kvtransfer): ``reserve`` takes blocks from the
-   device tier (refused if there are none), the bytes stream in under a lease, ``commit``
+   device tier (refused if there are none) -- with prefix caching, the leading blocks
+   already cached here are shared instead and the sender leaves them out of the payload
+   (``reserve_cached``) --, the bytes stream in under a lease, ``commit``
    writes them and adopts the request as RUNNING with its state (tokens so far, sampling
    params, MLFQ queue); ``abort`` frees a reservation that did not complete.
 3. From the next iteration on it decodes like any request; its tokens go to the router.
@@ -183,6 +185,29 @@ class DecodeWorkerService(WorkerService):
             raise ValueError(f"request {rid!r} was aborted by the router")
         return self.engine.reserve_import(rid, num_tokens)
 
+    async def reserve_cached(
+        self, request_id: str, num_tokens: int, block_names: list[bytes]
+    ) -> tuple[int, list[int]]:
+        """``reserve`` that shares the leading blocks cached here (prefix caching): the
+        sender then sends only the rest."""
+        tid = TransferId.parse(request_id)
+        if tid is not None:
+            return await self.in_engine(
+                lambda: self.migration_in.reserve_cached(tid, num_tokens, block_names)
+            )
+        return await self.in_engine(
+            lambda: self._reserve_cached(request_id, num_tokens, block_names)
+        )
+
+    def _reserve_cached(
+        self, rid: str, num_tokens: int, names: list[bytes]
+    ) -> tuple[int, list[int]]:
+        if rid in self._cancelled:
+            raise ValueError(f"request {rid!r} was aborted by the router")
+        if not hasattr(self.engine, "reserve_import_cached"):  # a fake engine
+            return 0, self.engine.reserve_import(rid, num_tokens)
+        return self.engine.reserve_import_cached(rid, num_tokens, names)
+
     async def commit(
         self, request_id: str, block_ids: list[int], payload: Any, state: dict[str, Any]
     ) -> None:
@@ -235,6 +260,7 @@ class DecodeWorkerService(WorkerService):
             kv_in_failed=m.failed,
             kv_in_bytes=m.bytes,
             kv_in_seconds=m.seconds,
+            kv_in_skipped_blocks=m.skipped_blocks,
             **self.migration_in.stats(),
         )
         if self.migration_out is not None:

@@ -36,6 +36,22 @@ class MigrationIn:
         self.inbox = MigrationInbox(self.engine.scheduler.device_kv, lease_s)
 
     def reserve(self, tid: TransferId, num_tokens: int) -> list[int]:
+        return self._reserve(tid, num_tokens, [])
+
+    def reserve_cached(
+        self, tid: TransferId, num_tokens: int, block_names: list[bytes]
+    ) -> tuple[int, list[int]]:
+        """(blocks of stage ``tid`` shared from this worker's prefix cache, ids for the
+        rest): only stage 0 shares, the blocks at the start of the request."""
+        held: list[int] = []
+        sched = self.engine.scheduler
+        if tid.index == 0 and getattr(sched, "caching", False):
+            held = sched.device_kv.match_prefix(
+                block_names, num_tokens // sched.device_kv.block_size
+            )
+        return len(held), self._reserve(tid, num_tokens, held)
+
+    def _reserve(self, tid: TransferId, num_tokens: int, held: list[int]) -> list[int]:
         rid = tid.request_id
         if rid in self.engine.scheduler.requests:
             raise ValueError(f"request {rid!r} already runs on this worker")
@@ -44,7 +60,7 @@ class MigrationIn:
         fault = entry.fault if entry is not None and tid.index > 0 else None
         if tid.final and fault is not None and fault.hits("dest", tid.index, True, "final"):
             raise ValueError(f"injected fault {fault}: the final stage is refused")
-        return self.inbox.reserve(tid, num_tokens, time.monotonic())
+        return self.inbox.reserve(tid, num_tokens, time.monotonic(), held)
 
     def commit(self, tid: TransferId, block_ids: list[int], payload: Any, state: dict) -> None:
         """All or nothing, as the receiver contract asks: on error the reservation is

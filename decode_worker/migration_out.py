@@ -168,17 +168,23 @@ class MigrationOut:
         stage = plan_stage(job.policy, index, sent, n, bs)
         tid = str(TransferId.of(job.rid, job.mid, stage))
         info = {"stage": index, "fault": str(job.fault) if job.fault else None}
+        # Stage 0 names its full blocks: the destination shares those it has cached.
+        names = self._block_names(job.rid, min(stage.end * bs, n)) if index == 0 else ()
         if not stage.final:
             payload = self.engine.gather_request_blocks(job.rid, stage.start, stage.end)
-            bundle = KVBundle(tid, stage.num_blocks * bs, payload, {"migration": info})
+            bundle = KVBundle(tid, stage.num_blocks * bs, payload, {"migration": info}, names)
             return stage, bundle, req.num_preemptions
         d = self.engine.detach_request(job.rid, stage.start)
         self._detached[job.rid] = d
         self._stopped_at[job.rid] = time.monotonic()
         state = protocol.request_state(d.request, d.num_computed_tokens, d.policy_state)
         state["migration"] = info
-        bundle = KVBundle(tid, d.num_computed_tokens - stage.start * bs, d.payload, state)
+        bundle = KVBundle(tid, d.num_computed_tokens - stage.start * bs, d.payload, state, names)
         return stage, bundle, req.num_preemptions
+
+    def _block_names(self, rid: str, num_tokens: int) -> tuple[bytes, ...]:
+        fn = getattr(self.engine, "block_names", None)
+        return tuple(fn(rid, num_tokens)) if fn is not None else ()
 
     def after_step(self) -> None:
         """Wake stage loops waiting for a block to fill (or for a request that left)."""

@@ -33,6 +33,11 @@ Receiver callbacks (``ReceiverCallbacks``; each may be a plain or an async funct
 - ``reserve(request_id, num_tokens) -> block_ids``: ``ceil(num_tokens / block_size)`` ids,
   all or nothing. ``NoFreeBlocksError`` becomes REFUSE "no free blocks"; any other error
   becomes REFUSE with its message.
+- optional ``reserve_cached(request_id, num_tokens, block_names) -> (skip, block_ids)``:
+  used instead of ``reserve`` when the offer names its leading full blocks (prefix
+  caching): the receiver already holds the first ``skip`` of them and reserves ids only
+  for the blocks after them. ACCEPT carries ``skip``; the sender sends the payload
+  without those blocks, and ``commit`` gets the ids and the payload of the rest.
 - ``commit(request_id, block_ids, payload, state)``: write the payload into the blocks and
   adopt the request. All or nothing: if it raises, the reservation must still be pending.
 - ``abort(request_id, block_ids)``: free the reservation. Should not raise.
@@ -113,6 +118,8 @@ class KVBundle:
     num_tokens: int
     payload: torch.Tensor
     state: dict[str, Any] = field(default_factory=dict)
+    # Prefix-cache names of the payload's leading full blocks (optional: see Offer).
+    block_names: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -125,6 +132,7 @@ class TransferMetrics:
     refused: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    skipped_blocks: int = 0  # blocks not moved: the receiver held them (prefix cache)
 
     def record_ok(self, nbytes: int, seconds: float) -> None:
         self.ok += 1
@@ -160,6 +168,7 @@ class Progress:
     """Where one outgoing transfer stands (the sender's state, polled on failure)."""
 
     state: TransferState = TransferState.OFFERED
+    skip: int = 0  # leading blocks the receiver holds already (not sent)
 
 
 class KVSender(abc.ABC):
@@ -183,8 +192,9 @@ class KVSender(abc.ABC):
         """
         state_bytes = wire.pack_state(bundle.state)
         offer = Offer.for_payload(
-            bundle.request_id, bundle.num_tokens, bundle.payload, self.compat_hash, len(state_bytes)
-        )
+            bundle.request_id, bundle.num_tokens, bundle.payload, self.compat_hash,
+            len(state_bytes), bundle.block_names,
+        )  # fmt: skip
         rid = offer.request_id
         timeout = self.timeout_s if timeout_s is None else timeout_s
         if rid in self._in_flight:
@@ -221,7 +231,9 @@ class KVSender(abc.ABC):
             ) from e
         finally:
             self._in_flight.discard(rid)
-        self.metrics.record_ok(offer.state_nbytes + offer.payload_nbytes, time.monotonic() - t0)
+        sent = offer.skip(progress.skip)
+        self.metrics.skipped_blocks += progress.skip
+        self.metrics.record_ok(sent.state_nbytes + sent.payload_nbytes, time.monotonic() - t0)
 
     @abc.abstractmethod
     async def _transfer(
@@ -234,7 +246,9 @@ class KVSender(abc.ABC):
     ) -> None:
         """Run the handshake and move the bytes; return on DONE. Raise ``TransferError``
         for an answer from the receiver; anything else is wrapped by ``send``. Keep
-        ``progress.state`` current. Must clean up (close a connection) if cancelled."""
+        ``progress.state`` current, and set ``progress.skip`` to the ACCEPT's skip (then
+        move ``offer.skip(skip)`` and ``payload[:, :, skip:]``). Must clean up (close a
+        connection) if cancelled."""
 
     async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections; the sender must not be used afterwards."""

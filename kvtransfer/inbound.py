@@ -4,6 +4,8 @@ Each backend's receiver owns one ``InboundTransfers`` and feeds it three events:
 
     open(offer)              -> block ids (OFFERED -> STREAMING, lease starts)
                                 or TransferRefused (nothing held)
+    accept(offer)            -> (block ids, skip): the same, for a receiver that may hold
+                                the offer's first ``skip`` named blocks (prefix caching)
     finish(rid, state, pl)   -> commit (STREAMING -> COMMITTING -> gone; TransferError and
                                 abort if commit raises or the lease already lapsed)
     drop(rid, why)           -> abort (the payload will never complete)
@@ -47,6 +49,7 @@ class _Inbound:
     started: float
     state: TransferState = TransferState.OFFERED
     block_ids: list[int] = field(default_factory=list)
+    skip: int = 0
     lease: asyncio.TimerHandle | None = None
     on_expire: Callable[[], None] | None = None
 
@@ -88,7 +91,23 @@ class InboundTransfers:
 
     async def open(self, offer: Offer, on_expire: Callable[[], None] | None = None) -> list[int]:
         """Check ``offer``, reserve its blocks and start the lease; ``on_expire`` runs if it
-        lapses (the backend closes the stalled connection). ``TransferRefused`` otherwise."""
+        lapses (the backend closes the stalled connection). ``TransferRefused`` otherwise.
+        For a sender that cannot skip blocks: the offer's names are ignored."""
+        block_ids, _ = await self._open(offer, on_expire, use_names=False)
+        return block_ids
+
+    async def accept(
+        self, offer: Offer, on_expire: Callable[[], None] | None = None
+    ) -> tuple[list[int], int]:
+        """As ``open``, and if the offer names blocks and the callbacks have
+        ``reserve_cached``, skip the leading ones held here: returns the ids reserved for
+        the blocks after them, and how many were skipped (the payload then comes without
+        them: ``offer.skip(skip)``)."""
+        return await self._open(offer, on_expire, use_names=True)
+
+    async def _open(
+        self, offer: Offer, on_expire: Callable[[], None] | None, use_names: bool
+    ) -> tuple[list[int], int]:
         rid = offer.request_id
         if self._closed:
             self._refuse(rid, RefuseReason.CLOSED, "receiver is closed")
@@ -109,8 +128,16 @@ class InboundTransfers:
             )
         # Claim the id before awaiting reserve, so a concurrent duplicate is refused.
         entry = self._inbound[rid] = _Inbound(offer, started=time.monotonic())
+        reserve_cached = getattr(self.callbacks, "reserve_cached", None)
+        skip = 0
         try:
-            block_ids = list(await call(self.callbacks.reserve, rid, offer.num_tokens))
+            if use_names and offer.block_names and reserve_cached is not None:
+                skip, ids = await call(
+                    reserve_cached, rid, offer.num_tokens, list(offer.block_names)
+                )
+                block_ids = list(ids)
+            else:
+                block_ids = list(await call(self.callbacks.reserve, rid, offer.num_tokens))
         except NoFreeBlocksError as e:
             self._forget(rid, entry)
             self._refuse(rid, RefuseReason.NO_FREE_BLOCKS, f"no free blocks for {rid!r}: {e}")
@@ -123,19 +150,26 @@ class InboundTransfers:
         if self._inbound.get(rid) is not entry:  # closed while reserving
             await self._abort(rid, block_ids)
             self._refuse(rid, RefuseReason.CLOSED, "receiver closed while reserving")
-        if len(block_ids) != offer.num_blocks:
+        if (
+            isinstance(skip, bool)
+            or not isinstance(skip, int)
+            or not 0 <= skip <= len(offer.block_names)
+            or len(block_ids) != offer.num_blocks - skip
+        ):
             self._forget(rid, entry)
             await self._abort(rid, block_ids)
             self._refuse(
                 rid,
                 RefuseReason.RESERVE_FAILED,
-                f"reserve gave {len(block_ids)} blocks for {rid!r}, the offer has {offer.num_blocks}",
+                f"reserve gave {len(block_ids)} blocks (skipping {skip!r}) for {rid!r}, "
+                f"the offer has {offer.num_blocks}",
             )
         entry.block_ids = block_ids
+        entry.skip = skip
         entry.state = TransferState.STREAMING
         entry.on_expire = on_expire
         entry.lease = asyncio.get_running_loop().call_later(self.lease_s, self._expire, rid, entry)
-        return list(block_ids)
+        return list(block_ids), skip
 
     async def finish(self, rid: str, state: dict[str, Any], payload: torch.Tensor) -> None:
         """All bytes arrived: commit. ``TransferError`` if the lease lapsed or commit raised
@@ -158,8 +192,11 @@ class InboundTransfers:
                 raise TransferError(rid, f"commit of {rid!r} failed: {e}") from e
             raise
         self._forget(rid, entry)
-        nbytes = entry.offer.state_nbytes + entry.offer.payload_nbytes
-        self.metrics.record_ok(nbytes, time.monotonic() - entry.started)
+        moved = entry.offer.skip(entry.skip)
+        self.metrics.skipped_blocks += entry.skip
+        self.metrics.record_ok(
+            moved.state_nbytes + moved.payload_nbytes, time.monotonic() - entry.started
+        )
 
     async def drop(self, rid: str, why: str) -> None:
         """The payload will never complete (connection lost, receiver closing): abort the

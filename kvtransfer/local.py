@@ -57,6 +57,12 @@ class LocalKVReceiver(KVReceiver):
         """Handshake: the reserved block ids, or ``TransferRefused``. Starts the lease."""
         return await self._inbound.open(offer)
 
+    async def accept(self, offer: Offer) -> int:
+        """Handshake that may skip blocks held here: how many leading blocks the sender
+        must leave out of the payload (``InboundTransfers.accept``)."""
+        _, skip = await self._inbound.accept(offer)
+        return skip
+
     async def deliver(self, request_id: str, state: dict[str, Any], payload: torch.Tensor) -> None:
         """The bytes of an accepted offer: commit them (``TransferError`` on failure)."""
         await self._inbound.finish(request_id, state, payload)
@@ -97,12 +103,12 @@ class LocalKVSender(KVSender):
             raise TransferError(
                 offer.request_id, f"no local receiver at {dest!r}; known: {sorted(self._peers)}"
             )
-        await receiver.offer(offer)
+        progress.skip = await receiver.accept(offer)
         progress.state = TransferState.STREAMING
         try:
             state = wire.unpack_state(state_bytes)
             progress.state = TransferState.COMMITTING
-            await receiver.deliver(offer.request_id, state, payload)
+            await receiver.deliver(offer.request_id, state, payload[:, :, progress.skip :])
         except BaseException:
             # deliver aborts the reservation on any failure (also when cancelled by our
             # timeout): nothing was committed, unlike a lost DONE over a network.

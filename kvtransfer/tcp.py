@@ -5,7 +5,8 @@ frames: 4-byte big-endian length + msgpack map with a ``type``)::
 
     S -> R  frame  {type: kv_offer, payload, request_id, compat_hash, num_blocks,
                     num_tokens, state_nbytes, payload_nbytes, dtype, shape}
-    R -> S  frame  {type: kv_accept, request_id, num_blocks}
+    R -> S  frame  {type: kv_accept, request_id, num_blocks, skip}   (``skip``: the offer's
+                   leading named blocks the receiver holds; what follows is ``offer.skip(skip)``)
               or   {type: kv_refuse, request_id, reason, error}        (connection stays usable)
     S -> R  raw    state_nbytes bytes of msgpack state, then payload_nbytes bytes of the
                    tensor in C order (written in ``chunk_bytes`` pieces; the offer's sizes
@@ -159,7 +160,7 @@ class TcpKVReceiver(KVReceiver):
                     "(both ends need the same KV transfer backend)"
                 )
             offer = Offer.from_dict(msg)
-            block_ids = await self._inbound.open(offer, on_expire=writer.transport.abort)
+            block_ids, skip = await self._inbound.accept(offer, on_expire=writer.transport.abort)
         except (ValueError, TransferRefused) as e:
             reason = e.reason if isinstance(e, TransferRefused) else RefuseReason.BAD_OFFER
             if not isinstance(e, TransferRefused):
@@ -169,10 +170,9 @@ class TcpKVReceiver(KVReceiver):
             await _answer(writer, {**refuse, "request_id": rid})
             return True
         try:
-            await _answer(
-                writer, {"type": "kv_accept", "request_id": rid, "num_blocks": len(block_ids)}
-            )
-            state_bytes, payload = await channel.receive(reader, offer)
+            accept = {"type": "kv_accept", "request_id": rid, "num_blocks": len(block_ids)}
+            await _answer(writer, {**accept, "skip": skip})
+            state_bytes, payload = await channel.receive(reader, offer.skip(skip))
             state = wire.unpack_state(state_bytes)
         except (PayloadError, ValueError) as e:  # the control stream is still in sync
             await self._inbound.drop(rid, str(e))
@@ -308,9 +308,11 @@ class TcpKVSender(KVSender):
         conn.clean = False
         try:
             await self._handshake(conn, offer, progress)
+            skip = progress.skip
             reply = await conn.channel.send(
-                conn.reader, conn.writer, offer, state_bytes, payload, progress
-            )
+                conn.reader, conn.writer, offer.skip(skip), state_bytes, payload[:, :, skip:],
+                progress,
+            )  # fmt: skip
             self._check_answer(reply, offer.request_id)
             conn.clean = conn.channel.usable
             if reply["type"] == "kv_failed":
@@ -348,6 +350,14 @@ class TcpKVSender(KVSender):
             raise TransferRefused(offer.request_id, reason, str(reply.get("error")))
         if reply["type"] != "kv_accept":
             raise protocol.ProtocolError(f"expected kv_accept or kv_refuse, got {reply['type']!r}")
+        skip = reply.get("skip", 0)
+        if (
+            isinstance(skip, bool)
+            or not isinstance(skip, int)
+            or not 0 <= skip <= len(offer.block_names)
+        ):
+            raise protocol.ProtocolError(f"kv_accept skips {skip!r} of {len(offer.block_names)}")
+        progress.skip = skip
         progress.state = TransferState.STREAMING
 
     @classmethod

@@ -116,7 +116,13 @@ def unpack_state(data: bytes | bytearray | memoryview) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Offer:
-    """The handshake's first message: everything the receiver checks before reserving."""
+    """The handshake's first message: everything the receiver checks before reserving.
+
+    ``block_names``: the prefix-cache names of the payload's leading full blocks
+    (``tandem.kvcache.prefix``), possibly fewer than it has, possibly none. A receiver
+    that already holds the first ``k`` of them answers ACCEPT with ``skip = k``; both ends
+    then move ``skip(k)``, the offer for the payload without its first ``k`` blocks.
+    """
 
     request_id: str
     compat_hash: str
@@ -126,10 +132,17 @@ class Offer:
     payload_nbytes: int
     dtype: str
     shape: tuple[int, ...]
+    block_names: tuple[bytes, ...] = ()
 
     @classmethod
     def for_payload(
-        cls, request_id: str, num_tokens: int, p: torch.Tensor, compat_hash: str, state_nbytes: int
+        cls,
+        request_id: str,
+        num_tokens: int,
+        p: torch.Tensor,
+        compat_hash: str,
+        state_nbytes: int,
+        block_names: Sequence[bytes] = (),
     ) -> Offer:
         """The offer for sending ``p``; ``ValueError`` if it is not a valid payload."""
         if p.dim() != 6:
@@ -145,9 +158,32 @@ class Offer:
             payload_nbytes=p.numel() * p.element_size(),
             dtype=dtype_name(p.dtype),
             shape=tuple(p.shape),
+            block_names=tuple(block_names),
         )
         offer.check()
         return offer
+
+    def skip(self, k: int) -> Offer:
+        """The offer for the same payload without its first ``k`` blocks (the receiver
+        holds them). ``ValueError`` unless ``0 <= k <= len(block_names)``."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(self.block_names):
+            raise ValueError(
+                f"cannot skip {k!r} blocks of an offer naming {len(self.block_names)} blocks"
+            )
+        if k == 0:
+            return self
+        shape = (*self.shape[:2], self.shape[2] - k, *self.shape[3:])
+        return Offer(
+            request_id=self.request_id,
+            compat_hash=self.compat_hash,
+            num_blocks=self.num_blocks - k,
+            num_tokens=self.num_tokens - k * self.shape[3],
+            state_nbytes=self.state_nbytes,
+            payload_nbytes=payload_nbytes(self.dtype, shape),
+            dtype=self.dtype,
+            shape=shape,
+            block_names=(),
+        )
 
     def check(self) -> None:
         """``ValueError`` unless the fields agree with each other."""
@@ -174,10 +210,19 @@ class Offer:
             )
         if self.state_nbytes > MAX_STATE_BYTES:
             raise ValueError(f"state of {self.state_nbytes} bytes exceeds {MAX_STATE_BYTES}")
+        names = self.block_names
+        if not isinstance(names, tuple) or any(not isinstance(n, bytes) for n in names):
+            raise ValueError("block_names must be a tuple of bytes")
+        if len(names) > min(self.num_blocks, self.num_tokens // shape[3]):
+            raise ValueError(
+                f"{len(names)} block names for {self.num_tokens} tokens: only full blocks "
+                "have names"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        d["block_names"] = list(self.block_names)
         return d
 
     @classmethod
@@ -193,6 +238,7 @@ class Offer:
                 payload_nbytes=d["payload_nbytes"],
                 dtype=d["dtype"],
                 shape=tuple(d["shape"]),
+                block_names=tuple(d.get("block_names") or ()),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed offer: {e!r}") from None

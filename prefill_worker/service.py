@@ -9,7 +9,10 @@ A request's life in this process:
    the router at once: TTFT does not wait for the KV handoff.
 3. Right after that iteration the engine thread exports the request (its blocks leave the
    scheduler, the K/V bytes are gathered), and the KV sender moves state + bytes to the
-   decode worker (two-sided handshake, compat hash, lease; kvtransfer/base.py).
+   decode worker (two-sided handshake, compat hash, lease; kvtransfer/base.py). The offer
+   names the full blocks (prefix cache): the decode worker shares those it has cached
+   and only the rest are sent. With prefix caching the prompt's blocks stay cached here
+   after the export, so a later prompt with the same prefix computes only the rest.
 4. DONE: the blocks here are freed and the router is told ``handoff``, so tokens now come
    from the decode worker. Failure (refused, timeout, decode worker gone): the request is
    imported back into this engine and decodes here (colocated fallback), so nothing
@@ -63,16 +66,24 @@ class PrefillWorkerService(WorkerService):
             if dest is None or not out.token_ids:
                 continue
             del self._dest[rid]
+            req = self.engine.scheduler.requests[rid]
+            names = self._block_names(rid, req.num_computed_tokens)
             exported = self.engine.export_request(rid)
             state = protocol.request_state(
                 exported.request, exported.num_computed_tokens, exported.policy_state
             )
-            bundle = KVBundle(rid, exported.num_computed_tokens, exported.payload, state)
+            bundle = KVBundle(rid, exported.num_computed_tokens, exported.payload, state, names)
             self._in_transfer.add(rid)
             assert self._loop is not None
             asyncio.run_coroutine_threadsafe(
                 self._hand_off(rid, dest, bundle, exported), self._loop
             )
+
+    def _block_names(self, rid: str, num_tokens: int) -> tuple[bytes, ...]:
+        """Names of the request's full blocks, so a decode worker that has cached some of
+        them receives only the rest (a fake engine names none)."""
+        fn = getattr(self.engine, "block_names", None)
+        return tuple(fn(rid, num_tokens)) if fn is not None else ()
 
     def _finish_handoff(
         self, rid: str, exported: Any, ok: bool, maybe_committed: bool = False

@@ -268,6 +268,10 @@ PREFIX_CACHE_GAUGES = {
         "tandem_worker_host_kv_cache_evictions_total",
         "Cached host-tier KV blocks evicted to make room",
     ),
+    "kv_in_skipped_blocks": (
+        "tandem_worker_kv_received_skipped_blocks_total",
+        "KV blocks a handoff or migration did not move: this worker had them cached",
+    ),
     "host_cache_write_blocks": (
         "tandem_worker_prefix_cache_host_write_blocks_total",
         "Evicted cached device blocks written to the host tier's cache",

@@ -213,17 +213,58 @@ class LLMEngine:
             raise ValueError(f"duplicate request id {request_id!r}")
         return self.scheduler.device_kv.reserve_import(request_id, num_tokens)
 
+    def reserve_import_cached(
+        self, request_id: str, num_tokens: int, block_names: list[bytes]
+    ) -> tuple[int, list[int]]:
+        """``reserve_import`` that shares the leading blocks this engine has cached under
+        the sender's ``block_names``: returns (how many it holds, ids for the rest, whose
+        bytes must come). ``commit_import`` checks the names against the tokens."""
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        kv = self.scheduler.device_kv
+        held = (
+            kv.match_prefix(block_names, num_tokens // kv.block_size)
+            if self.scheduler.caching
+            else []
+        )
+        return len(held), kv.reserve_import(request_id, num_tokens, held)
+
+    def block_names(self, request_id: str, num_tokens: int) -> list[bytes]:
+        """The prefix-cache names of a request's full blocks within ``num_tokens`` (what a
+        KV sender offers, so the receiver can skip the blocks it holds)."""
+        req = self.scheduler.requests[request_id]
+        return list(
+            self.scheduler.block_names(req, num_tokens)[: num_tokens // self.scheduler.block_size]
+        )
+
     def commit_import(self, request: Request, block_ids: list[int], payload: torch.Tensor,
                       num_computed_tokens: int, policy_state: dict[str, Any] | None = None,
                       output_state: tuple[Any, str] | None = None) -> None:  # fmt: skip
         """Write the bytes into the reserved blocks and adopt ``request``. All or nothing:
         on error the reservation is still pending (the caller aborts it)."""
         self.scheduler.check_admissible(request)
+        self._check_held_prefix(request)
         self.runner.scatter_blocks(block_ids, payload)
         self.scheduler.device_kv.commit_import(request.request_id)
         request.num_computed_tokens = num_computed_tokens
         self.scheduler.add_running(request, policy_state)
         self.outputs.import_state(request, output_state)
+
+    def _check_held_prefix(self, request: Request) -> None:
+        """The cached blocks an import shares must be named after this request's tokens
+        (the sender's names chose them): ``ValueError`` otherwise."""
+        kv = self.scheduler.device_kv
+        held = kv.pending_import_held(request.request_id)
+        if not held:
+            return
+        names = self.scheduler.block_names(request, len(held) * kv.block_size)
+        if len(names) < len(held) or any(
+            kv.pool.name_of(b) != names[i] for i, b in enumerate(held)
+        ):
+            raise ValueError(
+                f"the cached blocks shared by the import of {request.request_id!r} do not "
+                "hold its tokens (the sender's block names do not match its state)"
+            )
 
     def abort_import(self, request_id: str) -> None:
         self.scheduler.device_kv.abort_import(request_id)

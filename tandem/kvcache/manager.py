@@ -99,6 +99,7 @@ class KVAudit:
 class _PendingImport:
     block_ids: list[int]
     num_tokens: int
+    num_held: int = 0  # leading blocks already cached here (shared, not written)
 
 
 def _blocks_for(num_tokens: int, block_size: int) -> int:
@@ -423,17 +424,41 @@ class KVCacheManager:
 
     # ---- import: blocks arrive in this tier ------------------------------------------
 
-    def reserve_import(self, request_id: str, num_tokens: int) -> list[int]:
+    def reserve_import(
+        self, request_id: str, num_tokens: int, held: Sequence[int] = ()
+    ) -> list[int]:
         """Reserve ``ceil(num_tokens / block_size)`` blocks for incoming K/V, in token order.
 
-        They are pending (owned by the import, not yet a table). ``NoFreeBlocksError``
-        reserves nothing; ``KVStateError`` if the request has a table or a pending import here.
+        They are pending (owned by the import, not yet a table). ``held``: cached blocks
+        of this tier that already hold the first ``len(held)`` full blocks
+        (``match_prefix``); the import takes a reference to each, and only the blocks
+        after them are reserved and returned (the bytes to write). ``NoFreeBlocksError``
+        reserves nothing; ``KVStateError`` if the request has a table or a pending import
+        here, or ``held`` is not cached or covers more than the full blocks.
         """
         _check_tokens(num_tokens)
         self._check_id_free(request_id, "reserve an import")
-        ids = self._reserve(request_id, num_tokens, "import")
-        self._imports[request_id] = _PendingImport(block_ids=ids, num_tokens=num_tokens)
+        if len(held) > num_tokens // self.block_size:
+            raise KVStateError(
+                f"{len(held)} held blocks for {num_tokens} tokens of {request_id!r}: only "
+                "full blocks can be shared"
+            )
+        self.pool.acquire(held)
+        try:
+            ids = self._reserve(request_id, num_tokens - len(held) * self.block_size, "import")
+        except NoFreeBlocksError:
+            self.pool.free(list(held)[::-1])
+            raise
+        self._imports[request_id] = _PendingImport(
+            block_ids=[*held, *ids], num_tokens=num_tokens, num_held=len(held)
+        )
         return list(ids)
+
+    def pending_import_held(self, request_id: str) -> list[int]:
+        """The cached blocks the request's pending import shares (``reserve_import``'s
+        ``held``); ``[]`` if none or no import is pending."""
+        pending = self._imports.get(request_id)
+        return [] if pending is None else pending.block_ids[: pending.num_held]
 
     def extend_import(self, request_id: str, num_tokens: int) -> list[int]:
         """Reserve ``ceil(num_tokens / block_size)`` more blocks for the request's pending
@@ -474,7 +499,7 @@ class KVCacheManager:
         """Free the request's pending blocks; a no-op if it has none."""
         pending = self._imports.pop(request_id, None)
         if pending is not None:
-            self.pool.free(pending.block_ids)
+            self.pool.free(pending.block_ids[::-1])
 
     def pending_imports(self) -> list[str]:
         return list(self._imports)

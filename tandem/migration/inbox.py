@@ -18,7 +18,7 @@ Identity: a migration is (request id, migration id). Callbacks of a stale migrat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tandem.kvcache import KVCacheManager
@@ -64,9 +64,13 @@ class MigrationInbox:
     def reserved_blocks(self) -> int:
         return sum(self.kv.pending_import_blocks(rid) for rid in self._open)
 
-    def reserve(self, tid: TransferId, num_tokens: int, now: float) -> list[int]:
+    def reserve(
+        self, tid: TransferId, num_tokens: int, now: float, held: Sequence[int] = ()
+    ) -> list[int]:
         """Blocks for stage ``tid`` (all or nothing). Stage 0 opens the migration; a later
-        stage must be the next one of the open migration (``UnknownMigration`` otherwise)."""
+        stage must be the next one of the open migration (``UnknownMigration`` otherwise).
+        ``held``: cached blocks here that stage 0 shares instead of receiving
+        (``KVCacheManager.reserve_import``); the ids returned follow them."""
         rid = tid.request_id
         current = self._open.get(rid)
         if tid.index == 0:
@@ -74,10 +78,12 @@ class MigrationInbox:
                 if current.migration_id == tid.migration_id:
                     raise UnknownMigration(f"stage 0 of migration {tid} arrived twice")
                 self.abort(rid, current.migration_id)  # an older attempt, now superseded
-            ids = self.kv.reserve_import(rid, num_tokens)
+            ids = self.kv.reserve_import(rid, num_tokens, held)
             self._open[rid] = InboundMigration(rid, tid.migration_id, now, in_flight=True)
             return ids
         entry = self._check(tid)
+        if held:
+            raise UnknownMigration(f"stage {tid} cannot share cached blocks: only stage 0 can")
         if entry.in_flight:
             raise UnknownMigration(f"stage {tid} arrived while another stage is in flight")
         ids = self.kv.extend_import(rid, num_tokens)

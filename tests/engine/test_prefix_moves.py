@@ -101,3 +101,91 @@ def test_staged_migration_of_a_request_sharing_its_prefix(tiny_llama_dir, tmp_pa
     ]
     assert src.scheduler.device_kv.num_cached_blocks >= 4  # the prefix stays cached there
     _clean(src, dst)
+
+
+def _migrate_sharing(src, dst, rid, inbox):
+    """``_migrate`` (copy stages, then the final stage) where stage 0 shares the blocks the
+    destination has cached, as ``decode_worker.migration_in.reserve_cached`` does."""
+    from tandem.migration import StagePolicy, TransferId, plan_stage
+    from tandem.protocol import request_from_state, request_state
+
+    policy = StagePolicy(final_blocks=1, max_stages=6, min_copy_stages=1)
+    sent, index, skipped = 0, 0, 0
+    kv = dst.scheduler.device_kv
+    while True:
+        req = src.scheduler.requests[rid]
+        stage = plan_stage(policy, index, sent, req.num_computed_tokens, BS)
+        tid = TransferId(rid, 1, index, stage.final)
+        held = []
+        if index == 0:
+            names = src.block_names(rid, min(stage.end * BS, req.num_computed_tokens))
+            held = kv.match_prefix(names, stage.num_blocks)
+            skipped = len(held)
+        if not stage.final:
+            payload = src.gather_request_blocks(rid, stage.start + len(held), stage.end)
+            ids = inbox.reserve(tid, stage.num_blocks * BS, now=0.0, held=held)
+            dst.runner.scatter_blocks(ids, payload)
+            inbox.stage_done(tid, now=0.0)
+            sent, index = stage.end, index + 1
+            src.step()
+            continue
+        d = src.detach_request(rid, stage.start)
+        state = request_state(d.request, d.num_computed_tokens, d.policy_state)
+        ids = inbox.reserve(tid, d.num_computed_tokens - stage.start * BS, now=0.0)
+        request = request_from_state(state, 0.0)
+        dst.commit_import(request, ids, d.payload, d.num_computed_tokens, d.policy_state)
+        inbox.finish(tid)
+        src.release_detached(d)
+        return request, skipped
+
+
+def test_migration_to_a_worker_that_caches_the_prefix_moves_only_the_rest(tiny_llama_dir, tmp_path):
+    cost = tmp_path / "cost.json"
+    CostModel().save(cost)
+    base = _engine(tiny_llama_dir, cost, caching=False)
+    want = [base.add_request(p, GREEDY) for p in PROMPTS]
+    _drain(base)
+    src, dst = _engine(tiny_llama_dir, cost), _engine(tiny_llama_dir, cost)
+    reqs = _warm(src)
+    warm = dst.add_request(SYSTEM + [4, 4], SamplingParams(max_tokens=1))  # dst caches it
+    _drain(dst)
+    assert warm.is_finished and dst.scheduler.device_kv.num_cached_blocks == 4
+    inbox = MigrationInbox(dst.scheduler.device_kv, lease_s=30.0)
+    moved, skipped = _migrate_sharing(src, dst, reqs[0].request_id, inbox)
+    assert skipped == 4  # the 64-token system prefix was not copied
+    table = dst.scheduler.device_kv.block_table(moved.request_id)
+    assert table[:4] == dst.scheduler.device_kv.match_prefix(
+        src.block_names(reqs[1].request_id, 64)
+    )
+    _drain(src, dst)
+    assert [moved.output_token_ids, reqs[1].output_token_ids, reqs[2].output_token_ids] == [
+        r.output_token_ids for r in want
+    ]
+    _clean(src, dst)
+
+
+def test_an_import_sharing_blocks_under_wrong_names_is_refused(tiny_llama_dir, tmp_path):
+    import pytest
+
+    from tandem.protocol import request_from_state, request_state
+
+    cost = tmp_path / "cost.json"
+    CostModel().save(cost)
+    src, dst = _engine(tiny_llama_dir, cost), _engine(tiny_llama_dir, cost)
+    other = dst.add_request([5] * 40, SamplingParams(max_tokens=1))  # caches 2 other blocks
+    _drain(dst)
+    r = src.add_request(PROMPTS[0], GREEDY)
+    src.step()
+    lying = dst.scheduler.device_kv.match_prefix(other.block_hashes)  # names of [5] * 32
+    d = src.detach_request(r.request_id)
+    skip, ids = (
+        len(lying),
+        dst.scheduler.device_kv.reserve_import(r.request_id, d.num_computed_tokens, lying),
+    )
+    request = request_from_state(request_state(d.request, d.num_computed_tokens, {}), 0.0)
+    with pytest.raises(ValueError, match="do not hold its tokens"):
+        dst.commit_import(request, ids, d.payload[:, :, skip:], d.num_computed_tokens)
+    dst.abort_import(r.request_id)
+    src.restore_detached(d)
+    _drain(src)
+    _clean(src, dst)
