@@ -40,6 +40,9 @@ if TYPE_CHECKING:  # type only: a worker serving FakeEngine never imports torch
 log = logging.getLogger("tandem.decode_worker")
 
 STATS_PERIOD_S = 1.0
+# Entries of the prefix summary in each stats frame (kvcache ``prefix_summary``): short
+# names of cached blocks at depths 1, 2, 4, 8, ... blocks, most recently used first.
+PREFIX_SUMMARY_ENTRIES = 2048
 
 
 class _Conn:
@@ -145,6 +148,9 @@ class WorkerService:
             "max_model_len": e.config.scheduler.max_model_len,
             "vocab_size": e.model_config.vocab_size,
             "eos_token_ids": list(e.model_config.eos_token_ids),
+            # What a router needs to name a prompt's blocks as this worker's cache does.
+            "block_size": e.config.cache.block_size,
+            "cache_salt": getattr(e, "cache_salt", None),
             **self.extra_hello(),
         }
 
@@ -358,4 +364,11 @@ class WorkerService:
             "swap_out_wait_seconds": round(swap.out_wait_s, 6),
             "iterations": self.engine.num_iterations,
             **(s.cache_stats() if hasattr(s, "cache_stats") else {}),
+            **self._prefix_summary(),
         }
+
+    def _prefix_summary(self) -> dict[str, Any]:
+        s = self.engine.scheduler
+        if not getattr(s, "caching", False):
+            return {}
+        return {"prefix_summary": s.device_kv.prefix_summary(PREFIX_SUMMARY_ENTRIES)}

@@ -23,7 +23,7 @@ from typing import Any
 from tandem.sched.cost_model import CostModel
 from tandem.sched.mlfq import MLFQPolicy
 
-DISPATCH = ("usage", "round-robin")
+DISPATCH = ("prefix", "usage", "round-robin")
 
 
 class AdmissionQueue:
@@ -36,8 +36,10 @@ class AdmissionQueue:
     ) -> None:
         """``workers()`` returns the current worker clients; each has ``connected``,
         ``in_flight`` and ``hello`` (with ``max_num_seqs``). ``dispatch``: ``usage`` picks
-        the lowest virtual usage; ``round-robin`` takes workers in turn (a deterministic
-        spread, for benchmarks that need a known skew)."""
+        the lowest virtual usage; ``prefix`` the lowest usage less the request's
+        ``affinity(worker)`` (a bonus for the cached prefix it holds:
+        ``router.prefix_affinity``); ``round-robin`` takes workers in turn (a
+        deterministic spread, for benchmarks that need a known skew)."""
         if dispatch not in DISPATCH:
             raise ValueError(f"dispatch must be one of {DISPATCH}, got {dispatch!r}")
         self._workers = workers
@@ -57,7 +59,7 @@ class AdmissionQueue:
     def lengths(self) -> dict[int, int]:
         return {level: self._levels.get(level, 0) for level in range(self.mlfq.num_levels)}
 
-    def _free_worker(self, exclude: Any = None) -> Any | None:
+    def _free_worker(self, exclude: Any = None, affinity: Any = None) -> Any | None:
         """The worker with a free slot and the lowest virtual usage (Llumnix): KV blocks in
         use over its capacity (from its stats) plus its share of occupied batch slots (the
         requests it holds or was granted, whose KV demand is still growing)."""
@@ -74,6 +76,8 @@ class AdmissionQueue:
             free.append(w)
             kv_total = max(int(hello.get("kv_blocks") or 1), 1)
             usage = w.stats.get("kv_used", 0) / kv_total + used / limit
+            if affinity is not None and self.dispatch == "prefix":
+                usage -= affinity(w)
             if best is None or usage < best_usage:
                 best, best_usage = w, usage
         if self.dispatch == "round-robin" and free:
@@ -81,7 +85,7 @@ class AdmissionQueue:
             return free[self._turn % len(free)]
         return best
 
-    def try_admit(self, exclude: Any = None) -> Any | None:
+    def try_admit(self, exclude: Any = None, affinity: Any = None) -> Any | None:
         """A worker at once if nobody is queued and one has a free slot, else None.
 
         Synchronous on purpose: a caller that submits before its next ``await`` makes the
@@ -90,10 +94,10 @@ class AdmissionQueue:
         the same worker (49 of 50 on one worker)."""
         if self._heap:
             return None
-        return self._free_worker(exclude)
+        return self._free_worker(exclude, affinity)
 
     async def admit(
-        self, num_prompt_tokens: int, priority: int = 0, exclude: Any = None
+        self, num_prompt_tokens: int, priority: int = 0, exclude: Any = None, affinity: Any = None
     ) -> tuple[Any, bool]:
         """Wait for this request's turn and a free worker slot.
 
@@ -102,7 +106,7 @@ class AdmissionQueue:
         """
         level = self.mlfq.join_level(num_prompt_tokens)
         if not self._heap:
-            worker = self._free_worker(exclude)
+            worker = self._free_worker(exclude, affinity)
             if worker is not None:
                 return worker, False
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -112,6 +116,7 @@ class AdmissionQueue:
             lambda _f, lv=level: self._levels.__setitem__(lv, self._levels[lv] - 1)
         )
         fut.exclude = exclude  # type: ignore[attr-defined]
+        fut.affinity = affinity  # type: ignore[attr-defined]
         self.wake()
         try:
             return await fut, True
@@ -128,7 +133,9 @@ class AdmissionQueue:
             if fut.done():  # cancelled while waiting
                 heapq.heappop(self._heap)
                 continue
-            worker = self._free_worker(getattr(fut, "exclude", None))
+            worker = self._free_worker(
+                getattr(fut, "exclude", None), getattr(fut, "affinity", None)
+            )
             if worker is None:
                 return
             heapq.heappop(self._heap)

@@ -5,7 +5,9 @@ A request's life here:
 1. The handler parses and validates the body (``openai_api``: 4xx with OpenAI's error
    JSON on anything wrong), applies the chat template and tokenizes (``FastTokenizer``).
 2. Backpressure: past ``max_in_flight`` requests it answers 429 with Retry-After.
-3. Dispatch: the connected worker with the fewest requests in flight gets a ``submit``.
+3. Dispatch: the connected worker with a free slot and the lowest virtual usage, less a
+   bonus for the prompt's prefix it holds cached (``router.prefix_affinity``), gets a
+   ``submit``.
 4. Token frames come back; the router detokenizes incrementally (never half a UTF-8
    character), applies stop strings (and tells the worker to abort on a match), and
    writes SSE chunks or, without ``stream``, one JSON body at the end.
@@ -40,6 +42,7 @@ from router.admission import DISPATCH, AdmissionQueue
 from router.metrics import RouterMetrics
 from router.migration import MigrationConfig, Migrator
 from router.openai_api import ApiError, ParsedRequest, parse_chat, parse_completion
+from router.prefix_affinity import PrefixAffinity
 from router.workers import WORKER_LOST, InOrder, Route, WorkerClient
 from tandem import protocol
 from tandem.detokenizer import IncrementalDetokenizer, special_token_ids
@@ -61,7 +64,7 @@ class RouterConfig:
     max_reruns: int = 2  # times a request is continued elsewhere after its worker died
     cost_model: str | None = None  # JSON CostModel for skip-join admission (default: generic)
     migration: MigrationConfig = MigrationConfig()
-    dispatch: str = "usage"  # usage (lowest virtual usage) | round-robin
+    dispatch: str = "prefix"  # prefix (usage less cached-prefix bonus) | usage | round-robin
 
     def __post_init__(self) -> None:
         if self.dispatch not in DISPATCH:
@@ -89,6 +92,7 @@ class Router:
             dispatch=config.dispatch,
         )
         self.metrics = RouterMetrics()
+        self.affinity = PrefixAffinity(self.metrics)  # cache-aware dispatch
         self.migrator = Migrator(
             config.migration, lambda: self.workers, self.metrics, self.admission.wake
         )
@@ -391,14 +395,21 @@ class Router:
     async def _dispatch(self, rid: str, p: ParsedRequest) -> tuple[Route, asyncio.Queue]:
         """Wait in the admission MLFQ for a slot on a decode (or colocated) worker, then
         submit (504 after the timeout)."""
-        worker = self.admission.try_admit()
+        score = (
+            self.affinity.scorer(p.prompt_token_ids) if self.config.dispatch == "prefix" else None
+        )
+        worker = self.admission.try_admit(affinity=score)
         if worker is not None:  # submitted before any await: the next pick sees it
+            if score is not None:
+                self.affinity.routed(worker, score)
             return self._route(worker, rid, p.prompt_token_ids, p.params, p.priority)
         try:
             worker, granted = await asyncio.wait_for(
-                self.admission.admit(len(p.prompt_token_ids), p.priority),
+                self.admission.admit(len(p.prompt_token_ids), p.priority, affinity=score),
                 self.config.request_timeout,
             )
+            if score is not None:
+                self.affinity.routed(worker, score)
         except asyncio.TimeoutError:
             raise ApiError(
                 504, f"no worker slot within {self.config.request_timeout:.0f}s"

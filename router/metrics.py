@@ -44,6 +44,7 @@ class RouterMetrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.reruns = 0  # requests continued on another worker after theirs died
+        self.prefix_dispatches = 0  # sent to a worker holding part of their prompt cached
         self.ttft = Histogram("tandem_request_ttft_seconds", "Time to first token")
         self.tpot = Histogram(
             "tandem_request_tpot_seconds", "Time per output token after the first"
@@ -84,6 +85,10 @@ class RouterMetrics:
             "# HELP tandem_router_reruns_total Requests continued on another worker after theirs died",
             "# TYPE tandem_router_reruns_total counter",
             f"tandem_router_reruns_total {self.reruns}",
+            "# HELP tandem_router_prefix_dispatches_total Requests dispatched to a worker "
+            "that holds part of their prompt cached (cache-aware dispatch)",
+            "# TYPE tandem_router_prefix_dispatches_total counter",
+            f"tandem_router_prefix_dispatches_total {self.prefix_dispatches}",
         ]
         lines += [
             "# HELP tandem_router_migrations_total Live migrations by outcome",

@@ -147,10 +147,11 @@ def _add_migration_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dispatch",
-        default="usage",
-        choices=["usage", "round-robin"],
-        help="how new requests pick a decode worker: lowest virtual usage, or in turn "
-        "(a known spread for benchmarks) (default: usage)",
+        default="prefix",
+        choices=["prefix", "usage", "round-robin"],
+        help="how new requests pick a decode worker: lowest virtual usage less a bonus for "
+        "the prompt prefix it has cached (prefix), lowest virtual usage (usage), or in "
+        "turn (a known spread for benchmarks) (default: prefix)",
     )
 
 

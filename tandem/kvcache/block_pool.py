@@ -230,13 +230,11 @@ class BlockPool:
         return block_id in self._name_of
 
     def evict_all(self) -> int:
-        """Empty every evictable block (names dropped, no hook); returns how many. For a
-        cache reset; in-use named blocks keep their names."""
+        """Empty every evictable block (names dropped, the hook told); returns how many.
+        For a cache reset; in-use named blocks keep their names."""
         n = len(self._evictable)
         while self._evictable:
-            block_id, _ = self._evictable.popitem(last=False)
-            del self._block_of[self._name_of.pop(block_id)]
-            self._free.append(block_id)
+            self._free.append(self._evict_one())
         return n
 
     def refcount(self, block_id: int) -> int:

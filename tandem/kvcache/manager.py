@@ -47,12 +47,12 @@ not write into a block whose refcount is above 1).
 from __future__ import annotations
 
 import itertools
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tandem.kvcache.block_pool import BlockPool, EvictHook, KVStateError, NoFreeBlocksError
-from tandem.kvcache.prefix import BlockHash
+from tandem.kvcache.prefix import BlockHash, short_hash, summary_depth
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,12 @@ class KVCacheManager:
             raise ValueError(f"tier must be a non-empty name, got {tier!r}")
         self.block_size = block_size
         self.tier = tier
-        self.pool = BlockPool(num_blocks, on_evict)
+        # ``on_evict(block_id, name)``: told of every named block the pool evicts.
+        self.on_evict = on_evict
+        self.pool = BlockPool(num_blocks, self._evicted)
+        # Short names of cached blocks at summary depths (prefix.summary_depth), least
+        # recently cached or hit first: the compact prefix summary a router reads.
+        self._summary: OrderedDict[int, None] = OrderedDict()
         self._tables: dict[str, list[int]] = {}
         # Leading blocks of a table already offered to the cache (named, or found to be a
         # duplicate of a named block), so ``cache_blocks`` is O(new blocks). Absent = 0.
@@ -293,6 +298,7 @@ class KVCacheManager:
         self._tables[request_id] = list(block_ids)
         self._offered[request_id] = len(block_ids)
         self._stamps[request_id] = next(self._stamp_counter)
+        self._touch(block_ids)
 
     def cache_blocks(self, request_id: str, names: Sequence[BlockHash], num_tokens: int) -> int:
         """Name the request's full blocks within its first ``num_tokens`` tokens, whose K/V
@@ -313,9 +319,42 @@ class KVCacheManager:
         cache = self.pool.cache
         named = 0
         for i in range(start, full):
-            named += cache(table[i], names[i])
+            if cache(table[i], names[i]):
+                named += 1
+                if summary_depth(i):
+                    key = short_hash(names[i])
+                    self._summary[key] = None
+                    self._summary.move_to_end(key)
         self._offered[request_id] = full
         return named
+
+    def prefix_summary(self, max_entries: int) -> list[int]:
+        """Short names of cached blocks at summary depths, most recently used first, at
+        most ``max_entries``: what a router needs to estimate a prompt's hit length here
+        (``prefix.summary_depth``). O(max_entries)."""
+        out: list[int] = []
+        for key in reversed(self._summary):
+            if len(out) >= max_entries:
+                break
+            out.append(key)
+        return out
+
+    def _touch(self, block_ids: Sequence[int]) -> None:
+        """A prefix hit: its summary entries become the most recently used."""
+        summary, name_of = self._summary, self.pool.name_of
+        n = 1
+        while n <= len(block_ids):  # indexes 0, 1, 3, 7, ...: summary_depth
+            name = name_of(block_ids[n - 1])
+            if name is not None:
+                key = short_hash(name)
+                if key in summary:
+                    summary.move_to_end(key)
+            n *= 2
+
+    def _evicted(self, block_id: int, name: BlockHash) -> None:
+        self._summary.pop(short_hash(name), None)
+        if self.on_evict is not None:
+            self.on_evict(block_id, name)
 
     def num_releasable(self, request_id: str) -> int:
         """Blocks of the request's table that freeing it would make allocatable: those it

@@ -63,7 +63,7 @@ class PrefixCache:
         self._held_exports: list[KVExport] = []
         self._held_pins: list[int] = []
         if self.hierarchical:
-            device.pool.on_evict = self._write_back
+            device.on_evict = self._write_back
 
     # ---- one iteration -----------------------------------------------------------------
 
