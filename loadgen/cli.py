@@ -80,6 +80,17 @@ def build_run_parser(prog: str = "tandem loadgen") -> argparse.ArgumentParser:
                    help="sharegpt-like/alpaca-like: clip input tokens (default: %(default)s)")  # fmt: skip
     w.add_argument("--max-output-len", type=_positive_int, default=1024,
                    help="sharegpt-like/alpaca-like: clip output tokens (default: %(default)s)")  # fmt: skip
+    w.add_argument("--num-prefixes", type=_positive_int, default=4,
+                   help="prefix: shared prefixes; chat: conversations (default: %(default)s)")  # fmt: skip
+    w.add_argument("--prefix-len", type=int, default=512,
+                   help="prefix: tokens per shared prefix; chat: system prompt tokens "
+                   "(default: %(default)s)")  # fmt: skip
+    w.add_argument("--suffix-len", type=_positive_int, default=64,
+                   help="prefix: tokens after the prefix; chat: new user tokens per turn "
+                   "(default: %(default)s); outputs are --output-len")  # fmt: skip
+    w.add_argument("--turns", type=_positive_int, default=4,
+                   help="chat: turns per conversation, each resending the history "
+                   "(default: %(default)s)")  # fmt: skip
     w.add_argument("--seed", type=int, default=0)
     a = p.add_argument_group("arrivals and bounds")
     a.add_argument("--request-rate", default=None,
@@ -177,6 +188,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "tandem loadgen") -> int
             range_ratio=args.range_ratio,
             max_input_len=args.max_input_len,
             max_output_len=args.max_output_len,
+            num_prefixes=args.num_prefixes,
+            prefix_len=args.prefix_len,
+            suffix_len=args.suffix_len,
+            turns=args.turns,
         )
     except DatasetError as e:
         parser.error(str(e))
@@ -184,6 +199,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "tandem loadgen") -> int
     use_timestamps = rates is None and is_trace and all(j.timestamp is not None for j in jobs)
     if is_trace and args.num_requests is None and args.duration is None:
         num_requests = len(jobs)
+    if args.workload == "chat" and args.num_requests is None and args.duration is None:
+        num_requests = len(jobs)  # every turn of every conversation
     target = Target(
         url, model, args.endpoint, args.temperature, args.ignore_eos, extra, args.timeout
     )

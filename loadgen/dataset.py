@@ -12,6 +12,9 @@ Sources
 ``sharegpt-like`` / ``alpaca-like``
     Log-normal lengths with the published trace statistics (see :mod:`loadgen.workloads`):
     heavy-tailed outputs, task templates that share a prompt prefix.
+``prefix`` / ``chat``
+    Shared system prompts, and multi-turn conversations that resend their history
+    (:mod:`loadgen.shared_prefix`): the workloads that prefix caching speeds up.
 ``--dataset-path FILE.json``
     ShareGPT format: a list of ``{"conversations": [{"from": "human", "value": ...},
     {"from": "gpt", "value": ...}, ...]}``; the first human turn is the prompt, the reply's
@@ -30,10 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from loadgen.shared_prefix import SHARED_PREFIX_WORKLOADS, chat_turns, prefix_prompts
 from loadgen.tokens import PromptTokenizer
 from loadgen.workloads import WORKLOADS, sample_requests
 
-SYNTHETIC = ("random", *WORKLOADS)
+SYNTHETIC = ("random", *WORKLOADS, *SHARED_PREFIX_WORKLOADS)
 
 
 class DatasetError(ValueError):
@@ -48,6 +52,10 @@ class Job:
     output_len: int
     timestamp: float | None = None  # from a trace: seconds after the first request
     priority: int | None = None
+    # A chat turn: the index of the previous turn of its conversation. The runner sends
+    # this one after that one ended, with prompt = that prompt + its answer + ``turn``.
+    after: int | None = None
+    turn: str = ""
 
 
 def random_jobs(
@@ -89,6 +97,41 @@ def synthetic_jobs(
     for i, r in enumerate(reqs):
         text, real = tok.text_of_ids(r.prompt_token_ids)
         jobs.append(Job(i, text, real, r.output_len))
+    return jobs
+
+
+def shared_prefix_jobs(
+    tok: PromptTokenizer,
+    workload: str,
+    n: int,
+    seed: int,
+    num_prefixes: int,
+    prefix_len: int,
+    suffix_len: int,
+    output_len: int,
+    turns: int,
+) -> list[Job]:
+    """``prefix``: ``n`` requests over ``num_prefixes`` prefixes. ``chat``:
+    ``num_prefixes`` conversations of ``turns`` turns (``n`` is ignored)."""
+    vocab = len(tok.usable_ids)
+    try:
+        if workload == "prefix":
+            jobs = []
+            for i, (pre, suf) in enumerate(
+                prefix_prompts(n, num_prefixes, prefix_len, suffix_len, vocab, seed)
+            ):
+                text, real = tok.text_of_ids(pre + suf)
+                jobs.append(Job(i, text, real, output_len))
+            return jobs
+        rows = chat_turns(num_prefixes, turns, prefix_len, suffix_len, output_len, vocab, seed)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
+    jobs, last = [], {}
+    for i, (conv, _, static, user) in enumerate(rows):
+        text, real = tok.text_of_ids(static)
+        turn_text = tok.text_of_ids(user)[0]
+        jobs.append(Job(i, text, real, output_len, after=last.get(conv), turn=turn_text))
+        last[conv] = i
     return jobs
 
 
@@ -176,8 +219,13 @@ def load_jobs(
     range_ratio: float = 0.0,
     max_input_len: int = 2048,
     max_output_len: int = 2048,
+    num_prefixes: int = 4,
+    prefix_len: int = 512,
+    suffix_len: int = 64,
+    turns: int = 4,
 ) -> list[Job]:
-    """The jobs of a run (for a trace: all its rows, ``num_requests`` ignored)."""
+    """The jobs of a run (for a trace: all its rows, ``num_requests`` ignored; for
+    ``chat``: every turn of every conversation)."""
     if dataset_path is not None:
         path = Path(dataset_path)
         if not path.is_file():
@@ -189,4 +237,9 @@ def load_jobs(
         return random_jobs(tok, num_requests, input_len, output_len, range_ratio, seed)
     if workload in WORKLOADS:
         return synthetic_jobs(tok, workload, num_requests, seed, max_input_len, max_output_len)
+    if workload in SHARED_PREFIX_WORKLOADS:
+        return shared_prefix_jobs(
+            tok, workload, num_requests, seed, num_prefixes, prefix_len, suffix_len,
+            output_len, turns,
+        )  # fmt: skip
     raise DatasetError(f"--workload {workload!r}: choose one of {', '.join(SYNTHETIC)}")

@@ -7,6 +7,10 @@ early: nothing more is sent, requests in flight are cancelled and recorded as er
 ("cancelled: run interrupted"), and the caller still gets every record. With ``max_concurrency``, a
 request due while that many are in flight waits for one to finish; its send time (TTFT and
 JCT start) is when it is actually sent, as in vLLM's benchmark.
+
+A chat turn (``Job.after``) is sent once the previous turn of its conversation ended, its
+prompt that turn's prompt + the answer it got + its own new text (the static prompt, with a
+synthetic answer, if that turn failed); its send time is when it actually goes out.
 """
 
 from __future__ import annotations
@@ -53,10 +57,14 @@ async def run_load(
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     tasks: list[asyncio.Task[RequestRecord]] = []
     sent: list[Job] = []
+    by_index: dict[int, asyncio.Task[RequestRecord]] = {}
+    prompts: dict[int, str] = {}  # the prompt each job was really sent with
 
     async def one(job: Job) -> RequestRecord:
         rec = None
         try:
+            job = await _with_history(job, by_index, prompts, tok)
+            prompts[job.index] = job.prompt
             rec = await send(session, target, job, start, tok)
             return rec
         finally:
@@ -104,6 +112,7 @@ async def run_load(
                 if k >= len(jobs):  # a reused job keeps a unique index in the records
                     job = Job(k, job.prompt, job.prompt_len, job.output_len, None, job.priority)
                 tasks.append(asyncio.create_task(one(job)))
+                by_index[job.index] = tasks[-1]
                 sent.append(job)
                 if progress is not None:
                     progress.on_sent()
@@ -124,6 +133,24 @@ async def run_load(
             for t in tasks:
                 t.cancel()
         return records, duration
+
+
+async def _with_history(
+    job: Job,
+    by_index: dict[int, asyncio.Task[RequestRecord]],
+    prompts: dict[int, str],
+    tok: PromptTokenizer | None,
+) -> Job:
+    """A chat turn's prompt, built from the previous turn once it ended (see module doc)."""
+    prev = by_index.get(job.after) if job.after is not None else None
+    if prev is None:
+        return job
+    await asyncio.wait([prev])
+    if prev.cancelled() or prev.exception() is not None or not prev.result().ok:
+        return job
+    prompt = prompts[job.after] + prev.result().text + job.turn
+    n = tok.count(prompt) if tok is not None else job.prompt_len
+    return Job(job.index, prompt, n, job.output_len, job.timestamp, job.priority, job.after)
 
 
 def _record(job: Job, task: asyncio.Task[RequestRecord]) -> RequestRecord:
