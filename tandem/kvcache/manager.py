@@ -305,11 +305,13 @@ class KVCacheManager:
         must be final (computed), ``names[i]`` for block ``i``. A block whose name another
         block already holds stays private. Returns the blocks newly named; O(new blocks).
         ``KVStateError`` if the request has no table or ``names`` is too short."""
+        start = self._offered.get(request_id, 0)
+        if num_tokens // self.block_size <= start:
+            return 0  # the decode hot path: no block filled since the last call
         table = self._tables.get(request_id)
         if table is None:
             raise KVStateError(f"cannot cache blocks of {request_id!r} on {self.tier}: no table")
         full = min(num_tokens // self.block_size, len(table))
-        start = self._offered.get(request_id, 0)
         if full <= start:
             return 0
         if len(names) < full:
@@ -370,11 +372,12 @@ class KVCacheManager:
             return
         table = self._tables.get(request_id, ())
         pool = self.pool
-        for i in range(start // self.block_size, -(-end // self.block_size)):
+        refcounts, named = pool._refcounts, pool._name_of  # hot path: once per chunk
+        for i in range(start // self.block_size, (end - 1) // self.block_size + 1):
             if i >= len(table):
                 raise KVStateError(f"{request_id!r} writes position {end - 1} past its table")
             b = table[i]
-            if pool.refcount(b) != 1 or pool.is_cached(b):
+            if refcounts.get(b) != 1 or b in named:
                 raise KVStateError(
                     f"{request_id!r} would write block {b} (table index {i}) on {self.tier}, "
                     f"which is shared or cached (refcount {pool.refcount(b)})"

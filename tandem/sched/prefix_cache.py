@@ -168,7 +168,10 @@ class PrefixCache:
         if not self.enabled or req.request_id in self._uncacheable:
             return
         n = req.num_computed_tokens
-        self.device.cache_blocks(req.request_id, self.names(req, n), n)
+        names = req.block_hashes
+        if n // self.block_size > len(names):
+            self.names(req, n)
+        self.device.cache_blocks(req.request_id, names, n)
 
     def swapped_out(self, req: Request) -> None:
         """Name a swapped-out request's host blocks (their bytes land before any read)."""
