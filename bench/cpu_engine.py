@@ -43,7 +43,12 @@ def main() -> None:
 
     from tandem import LLM, SamplingParams
 
-    llm = LLM(model=args.model, max_num_batched_tokens=args.max_num_batched_tokens)
+    # No prefix caching: the warm-up's prompts must not be served from the cache in the run.
+    llm = LLM(
+        model=args.model,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=False,
+    )
     model_dir = llm.config.model
     vocab = llm.engine.model_config.vocab_size
     g = torch.Generator().manual_seed(args.seed)
