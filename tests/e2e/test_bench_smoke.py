@@ -24,3 +24,23 @@ def test_chunked_prefill_sweep_smoke(tiny_llama_dir, tmp_path):
         assert points[0]["itl_ms_p99"] > 0
     assert "capacity under the SLO" in proc.stdout
     assert (tmp_path / "cdf.png").is_file()
+
+
+def test_prefix_cache_bench_smoke(tiny_llama_dir, tmp_path):
+    out = tmp_path / "prefix_cache.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/prefix_cache.py", "--model", str(tiny_llama_dir),
+         "--workloads", "chat", "--conversations", "3", "--turns", "2", "--system-len", "64",
+         "--user-len", "8", "--output-len", "4", "--rate", "inf", "--out", str(out),
+         "--serve-args", "--policy fcfs"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chat = json.loads(out.read_text())["workloads"]["chat"]
+    on, off = chat["caching on"], chat["caching off"]
+    assert on["completed"] == off["completed"] == 6 and on["errors"] == off["errors"] == 0
+    # The 3 second turns hit (the first turns cannot): about half the prompt tokens.
+    assert 0.3 < on["prefix_cache"]["token_hit_rate"] < 0.7
+    assert on["prefix_cache"]["request_hit_rate"] == 0.5
+    assert off["prefix_cache"]["token_hit_rate"] == 0.0
+    assert chat["ratios"]["ttft_p50"] > 0 and "off / on" in proc.stdout
