@@ -32,7 +32,9 @@ def run(mode: str, policy: str, n: int = 128) -> None:
         SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048, preemption_mode=mode),
         # Every prompt is [5] * n: without caching off, they would all share one prefix.
         CacheConfig(
-            block_size=16, num_blocks=512, num_host_blocks=16384 if mode == "swap" else 0,
+            block_size=16,
+            num_blocks=512,
+            num_host_blocks=16384 if mode == "swap" else 0,
             enable_prefix_caching=False,
         ),  # fmt: skip
         policy=make_policy(policy, cost_model=CostModel()),

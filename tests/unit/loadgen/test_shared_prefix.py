@@ -59,7 +59,11 @@ def test_cli_accepts_the_workload_flags():
          "--suffix-len", "32", "--turns", "5"]
     )  # fmt: skip
     assert (args.workload, args.num_prefixes, args.prefix_len, args.suffix_len, args.turns) == (
-        "chat", 8, 256, 32, 5
+        "chat",
+        8,
+        256,
+        32,
+        5,
     )
 
 
