@@ -116,23 +116,22 @@ class PrefixCache:
         names = self.names(req, req.num_tokens)
         limit = (req.num_tokens - 1) // bs
         hit = self.device.match_prefix(names, limit)
-        self.device.adopt_prefix(rid, hit)
-        loaded: list[int] = []
+        found: list[int] = []
         if self.hierarchical and len(hit) < limit:
             assert self.host is not None
-            room = self.device.num_free_blocks
+            room = self.device.num_free_blocks - self.device.num_reviving(hit)
             found = self.host.match_prefix(names[len(hit) :], min(limit - len(hit), room))
-            if found:
-                # Held first: the device allocation below may evict, and a write-back of
-                # that eviction may evict host blocks, but never held ones.
-                pin = self.host.pin(found)
-                dst = self.device.allocate(rid, (len(hit) + len(found)) * bs)
-                self._loads[rid] = (BlockCopy("host", tuple(found), tuple(dst)), pin)
-                loaded = found
-        if not hit and not loaded:
-            self.device.free(rid)
-            return False
-        req.num_computed_tokens = (len(hit) + len(loaded)) * bs
+        if not hit and not found:
+            return False  # the common miss: nothing taken, nothing to undo
+        self.device.adopt_prefix(rid, hit)
+        if found:
+            assert self.host is not None
+            # Pinned first: the device allocation below may evict, and a write-back of
+            # that eviction may evict host blocks, but never pinned ones.
+            pin = self.host.pin(found)
+            dst = self.device.allocate(rid, (len(hit) + len(found)) * bs)
+            self._loads[rid] = (BlockCopy("host", tuple(found), tuple(dst)), pin)
+        req.num_computed_tokens = (len(hit) + len(found)) * bs
         return True
 
     def drop(self, req: Request) -> None:
