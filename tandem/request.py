@@ -5,7 +5,13 @@ A ``Request`` counts its progress instead of flagging a phase:
     num_tokens          = len(prompt_token_ids) + len(output_token_ids)
     num_computed_tokens = tokens whose K/V are in the request's blocks
 
-Invariant: ``0 <= num_computed_tokens <= num_tokens``. A request needs a forward pass
+Invariant: ``0 <= num_computed_tokens <= num_tokens``.
+
+With async scheduling a sampled token is known on the host one step after it was
+sampled: ``num_pending_tokens`` (0 or 1) counts tokens sampled on the device whose ids
+are not read yet. They are part of ``num_tokens`` (the scheduler builds the next step
+over them) and appear as ``PLACEHOLDER_TOKEN`` in ``token_slice``; the runner fills them
+in on the device. ``output_token_ids`` and ``all_token_ids`` hold known tokens only. A request needs a forward pass
 over ``num_tokens - num_computed_tokens`` tokens; it produces a new token only in the
 pass that brings ``num_computed_tokens`` up to ``num_tokens``. Prefill, chunked prefill,
 decode and recompute-after-preemption are all the same rule.
@@ -23,6 +29,10 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+
+
+# Stands for a sampled token whose id is still on the device (never a valid token id).
+PLACEHOLDER_TOKEN = -1
 
 
 class RequestStatus(enum.Enum):
@@ -167,6 +177,8 @@ class Request:
     num_recomputes: int = 0  # preemptions that discarded its KV (recompute, not swap)
     # The token that stopped the request (EOS or a stop token id), if any.
     stop_reason: int | str | None = None
+    # Sampled on the device, id not read back yet (async scheduling): 0 or 1.
+    num_pending_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -182,7 +194,16 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def awaits_last_token(self) -> bool:
+        """Its pending token is its last (``max_tokens``): nothing more to schedule."""
+        return (
+            self.num_pending_tokens > 0
+            and len(self.output_token_ids) + self.num_pending_tokens
+            >= self.sampling_params.max_tokens
+        )
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -190,8 +211,12 @@ class Request:
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """``all_token_ids[start:end]`` without building the whole list (the decode hot
-        path asks for one token of a long sequence every iteration)."""
+        path asks for one token of a long sequence every iteration). Pending positions
+        are ``PLACEHOLDER_TOKEN``."""
         p = len(self.prompt_token_ids)
+        known = p + len(self.output_token_ids)
+        if end > known:
+            return self.token_slice(start, known) + [PLACEHOLDER_TOKEN] * (end - max(start, known))
         if start >= p:
             return self.output_token_ids[start - p : end - p]
         if end <= p:
@@ -211,7 +236,10 @@ class Request:
 
         Token-level stop rules live here (EOS, stop token ids, max_tokens, min_tokens);
         stop *strings* need the detokenizer and are checked by the output processor.
+        A pending token (async scheduling) is resolved by this call.
         """
+        if self.num_pending_tokens:
+            self.num_pending_tokens -= 1
         self.output_token_ids.append(token_id)
         params = self.sampling_params
         n = len(self.output_token_ids)

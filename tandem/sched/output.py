@@ -57,6 +57,7 @@ class SchedulerOutput:
     offload: list[BlockCopy] = field(default_factory=list)  # device -> host, ahead of need
     prefetch: list[BlockCopy] = field(default_factory=list)  # host -> device, ahead of need
     preempted: list[str] = field(default_factory=list)
+    launched: bool = False  # Scheduler.on_launched has advanced its requests
 
     @property
     def num_batched_tokens(self) -> int:
