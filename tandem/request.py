@@ -30,7 +30,6 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-
 # Stands for a sampled token whose id is still on the device (never a valid token id).
 PLACEHOLDER_TOKEN = -1
 
