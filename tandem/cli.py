@@ -82,6 +82,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="attention kernels: auto = triton on CUDA, torch reference on CPU (default: auto)",
     )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode batches")
+    p.add_argument(
+        "--no-async-scheduling",
+        action="store_true",
+        help="schedule each iteration only after the previous one finished (default on CUDA: "
+        "the next iteration is scheduled while the current one runs)",
+    )
 
 
 def _add_http_args(p: argparse.ArgumentParser) -> None:
@@ -370,6 +376,7 @@ def _engine_config(
             gpu_memory_utilization=args.gpu_memory_utilization,
             attention=args.attention_backend,
             cuda_graphs=not args.enforce_eager,
+            async_scheduling=False if args.no_async_scheduling else None,
         )
     except (ValueError, OSError) as e:
         parser.error(str(e))
@@ -392,6 +399,12 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         from tandem.engine.llm_engine import LLMEngine
 
         config = _engine_config(args, parser)
+        if args.command == "prefill-worker":
+            from dataclasses import replace
+
+            # It hands each request off right after its first token: overlapping would
+            # only schedule a decode step there that the handoff then has to wait for.
+            config = replace(config, async_scheduling=False)
         if args.kv_transfer == "nccl" and not config.device.startswith("cuda"):
             parser.error(f"--kv-transfer nccl needs --device cuda[:N], got {config.device!r}")
         _select_cuda_device(config.device)
@@ -598,6 +611,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         engine_flags.append("--swap-int8")
     if args.enforce_eager:
         engine_flags.append("--enforce-eager")
+    if args.no_async_scheduling:
+        engine_flags.append("--no-async-scheduling")
     if args.decode_workers:
         kv = ["--kv-transfer", placement.kv_transfer]
         lease = ["--migration-lease", str(args.migration_lease)]

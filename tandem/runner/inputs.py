@@ -17,6 +17,8 @@ class ModelInputs:
     meta: AttentionMetadata
     sample_rows: list[int]  # index into T of the last token of each sampling chunk
     sample_chunks: list[int]  # index into SchedulerOutput.chunks, aligned with sample_rows
+    # (index into T, index into chunks) of each PLACEHOLDER_TOKEN: its id is on the device
+    placeholders: list[tuple[int, int]]
 
 
 def prepare_inputs(
@@ -29,11 +31,14 @@ def prepare_inputs(
     seq_lens: list[int] = []
     sample_rows: list[int] = []
     sample_chunks: list[int] = []
+    placeholders: list[tuple[int, int]] = []
     max_blocks = max(len(c.block_table) for c in sched.chunks)
     tables = torch.zeros((len(sched.chunks), max_blocks), dtype=torch.long)
     for i, chunk in enumerate(sched.chunks):
         n = chunk.num_tokens
         start = chunk.start_pos
+        if chunk.token_ids[-1] < 0:  # a pending token is always a chunk's last
+            placeholders += [(len(ids) + j, i) for j, t in enumerate(chunk.token_ids) if t < 0]
         ids.extend(chunk.token_ids)
         positions.extend(range(start, start + n))
         table = chunk.block_table
@@ -60,4 +65,5 @@ def prepare_inputs(
         meta=meta,
         sample_rows=sample_rows,
         sample_chunks=sample_chunks,
+        placeholders=placeholders,
     )

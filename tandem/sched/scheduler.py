@@ -515,6 +515,7 @@ class Scheduler:
             self.host_kv.free(request_id)
         self.offload.forget(request_id)
         req.status = status
+        req.num_pending_tokens = 0  # a token still on the device is dropped (async)
         self.policy.on_finish(req)
         return req
 
