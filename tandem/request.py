@@ -214,8 +214,9 @@ class Request:
         are ``PLACEHOLDER_TOKEN``."""
         p = len(self.prompt_token_ids)
         known = p + len(self.output_token_ids)
-        if end > known:
-            return self.token_slice(start, known) + [PLACEHOLDER_TOKEN] * (end - max(start, known))
+        if end > known and self.num_pending_tokens:
+            pending = min(end, known + self.num_pending_tokens) - max(start, known)
+            return self.token_slice(start, known) + [PLACEHOLDER_TOKEN] * max(pending, 0)
         if start >= p:
             return self.output_token_ids[start - p : end - p]
         if end <= p:
