@@ -20,7 +20,7 @@ from tandem.engine.llm_engine import LLMEngine
 from tandem.request import SamplingParams
 from tests.engine.parity import compare, mixed_prompts, reference_greedy
 
-NEW_TOKENS = 32
+NEW_TOKENS = 24
 
 
 def _engine(model_dir, overlap, num_blocks=2048, host_blocks=0, budget=64, tokenizer=None):
@@ -53,14 +53,15 @@ def llama_refs(tiny_model_dirs):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"], dtype=torch.float32)
-    prompts = mixed_prompts(model.config.vocab_size, n=12, seed=3, max_len=400)
+    prompts = mixed_prompts(model.config.vocab_size, n=8, seed=3, max_len=300)
     return prompts, [reference_greedy(model.eval(), p, NEW_TOKENS) for p in prompts]
 
 
 @pytest.mark.parametrize("mode", ["batching", "recompute", "swap"])
 def test_greedy_parity_with_overlap(mode, tiny_model_dirs, llama_refs):
     prompts, refs = llama_refs
-    blocks = {"batching": 2048, "recompute": 40, "swap": 40}[mode]
+    # The longest request needs (300 + 24) / 16 = 21 blocks; 28 forces preemption.
+    blocks = {"batching": 2048, "recompute": 28, "swap": 28}[mode]
     engine = _engine(tiny_model_dirs["llama"], True, blocks, 4096 if mode == "swap" else 0)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     reqs = [engine.add_request(p, params) for p in prompts]
@@ -106,15 +107,15 @@ def test_every_token_rule_gives_the_synchronous_result(tiny_llama_dir):
 
 def test_abort_between_steps_frees_everything(tiny_llama_dir):
     engine = _engine(tiny_llama_dir, True)
-    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
-    reqs = [engine.add_request(p, params) for p in mixed_prompts(2048, n=6, seed=5)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    reqs = [engine.add_request(p, params) for p in mixed_prompts(2048, n=6, seed=5, max_len=100)]
     for _ in range(6):
         engine.step()
     aborted = engine.abort_request(reqs[2].request_id)
     assert aborted is not None and aborted.finished and aborted.finish_reason == "abort"
     outs = _drain(engine)
     assert all(o.request_id != reqs[2].request_id for o in outs), "tokens after the abort"
-    assert [len(r.output_token_ids) for i, r in enumerate(reqs) if i != 2] == [50] * 5
+    assert [len(r.output_token_ids) for i, r in enumerate(reqs) if i != 2] == [20] * 5
 
 
 @pytest.mark.parametrize("steps", [3, 11])
