@@ -35,7 +35,8 @@ def device_meta(meta: AttentionMetadata, device: torch.device) -> DeviceMeta:
     prefill = [s for s, n in enumerate(q_lens) if n > 1]
 
     def i32(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=device)
+        t = torch.tensor(values, dtype=torch.int32)  # no blocking copy: see device_tensor
+        return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
     return DeviceMeta(
         seq_lens=i32(meta.seq_lens),

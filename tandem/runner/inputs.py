@@ -21,6 +21,15 @@ class ModelInputs:
     placeholders: list[tuple[int, int]]
 
 
+def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values, device=device)`` without waiting for the device: a blocking
+    host-to-device copy (what ``torch.tensor(..., device=cuda)`` does) first drains the
+    stream, which would wait for the iteration in flight (async scheduling). From pageable
+    memory the driver stages the bytes before returning, so the list may go at once."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
 def prepare_inputs(
     sched: SchedulerOutput, block_size: int, sliding_window: int | None, device: torch.device
 ) -> ModelInputs:
@@ -54,14 +63,14 @@ def prepare_inputs(
     meta = AttentionMetadata(
         query_start_loc=query_start,
         seq_lens=seq_lens,
-        block_tables=tables.to(device),
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        block_tables=tables if device.type == "cpu" else tables.to(device, non_blocking=True),
+        slot_mapping=device_tensor(slots, torch.long, device),
         block_size=block_size,
         sliding_window=sliding_window,
     )
     return ModelInputs(
-        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        input_ids=device_tensor(ids, torch.long, device),
+        positions=device_tensor(positions, torch.long, device),
         meta=meta,
         sample_rows=sample_rows,
         sample_chunks=sample_chunks,

@@ -26,7 +26,7 @@ from tandem.attention import default_backend_name, get_backend
 from tandem.config import EngineConfig, ModelConfig
 from tandem.models import load_model
 from tandem.runner.host_kv import HostKVTier
-from tandem.runner.inputs import prepare_inputs
+from tandem.runner.inputs import device_tensor, prepare_inputs
 from tandem.runner.kv_swap import KVSwapper
 from tandem.runner.kv_tensors import KVTensors
 from tandem.runner.sampler import (
@@ -152,33 +152,36 @@ class ModelRunner:
                    for c in sched.chunks]  # fmt: skip
             logits = self.graphs.run(sched, src)  # argmax of every row is in sampled_row
             out_rows = picked
-            if picked and not all(is_plain_greedy(r) for r in rows):
-                logits = (logits if len(picked) == len(sched.chunks) else logits[picked]).float()
-                tokens = self.sampler.sample(logits, rows)
-                index = torch.tensor(picked, device=self.device)
-                sampled_row.index_copy_(0, index, tokens.to(torch.int32))
-                step.logprobs = logprob_tensors(logits, rows, tokens)
-            elif any(r.params.logprobs is not None for r in rows):
-                logits = (logits if len(picked) == len(sched.chunks) else logits[picked]).float()
-                tokens = sampled_row[: len(sched.chunks)][picked].long() if picked else None
+            plain = all(is_plain_greedy(r) for r in rows)
+            if picked and (not plain or any(r.params.logprobs is not None for r in rows)):
+                index = device_tensor(picked, torch.long, self.device)
+                if len(picked) < len(sched.chunks):
+                    logits = logits.index_select(0, index)
+                logits = logits.float()
+                if plain:  # the graph's argmax stands; logprobs of it
+                    tokens = sampled_row.index_select(0, index).long()
+                else:
+                    tokens = self.sampler.sample(logits, rows)
+                    sampled_row.index_copy_(0, index, tokens.to(torch.int32))
                 step.logprobs = logprob_tensors(logits, rows, tokens)
         else:
             inputs = prepare_inputs(
                 sched, self.block_size, self.model_config.sliding_window, self.device
             )
             if inputs.placeholders:
-                at = torch.tensor([t for t, _ in inputs.placeholders], device=self.device)
+                at = device_tensor([t for t, _ in inputs.placeholders], torch.long, self.device)
                 src_rows = [
                     prev[sched.chunks[i].request.request_id] for _, i in inputs.placeholders
                 ]
-                take = torch.tensor(src_rows, device=self.device)
-                inputs.input_ids[at] = sampled_row.index_select(0, take).long()
+                take = device_tensor(src_rows, torch.long, self.device)
+                inputs.input_ids.index_copy_(0, at, sampled_row.index_select(0, take).long())
             hidden = self.model(
                 inputs.input_ids, inputs.positions, self.kv.layers(), inputs.meta, self.backend
             )
             out_rows = list(range(len(picked)))
             if picked:
-                logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [N, V] f32
+                rows_at = device_tensor(inputs.sample_rows, torch.long, self.device)
+                logits = self.model.compute_logits(hidden.index_select(0, rows_at))  # [N, V]
                 tokens = self.sampler.sample(logits, rows)
                 sampled_row[: len(picked)].copy_(tokens)
                 step.logprobs = logprob_tensors(logits, rows, tokens)

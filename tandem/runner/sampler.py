@@ -115,7 +115,7 @@ class Sampler:
         if any(rows[i].num_pending for i in penalised):
             raise ValueError("penalties need every output id: resolve pending tokens first")
         if penalised:
-            index = torch.tensor(penalised, device=work.device)
+            index = _on(penalised, work.device)
             work[index] = apply_penalties(work[index], [rows[i] for i in penalised])
         work = apply_min_tokens(work, rows)
 
@@ -124,7 +124,7 @@ class Sampler:
             return self._draw(work, rows)
         tokens = work.argmax(dim=-1)  # [N]; greedy rows keep these
         if random_rows:
-            index = torch.tensor(random_rows, device=work.device)
+            index = _on(random_rows, work.device)
             drawn = self._draw(work[index], [rows[i] for i in random_rows])
             tokens[index] = drawn
         return tokens
@@ -149,8 +149,8 @@ class Sampler:
             return sample_inverse_cdf(probs, uniforms)
         tokens = torch.empty(len(rows), dtype=torch.long, device=device)
         unseeded = [i for i, row in enumerate(rows) if row.params.seed is None]
-        seeded_index = torch.tensor(seeded, device=device)
-        unseeded_index = torch.tensor(unseeded, device=device)
+        seeded_index = _on(seeded, device)
+        unseeded_index = _on(unseeded, device)
         tokens[seeded_index] = sample_inverse_cdf(probs[seeded_index], uniforms)
         tokens[unseeded_index] = self._race(probs[unseeded_index])
         return tokens
@@ -187,7 +187,14 @@ def _column(values: list[float], device: torch.device) -> float | torch.Tensor:
     first = values[0]
     if all(v == first for v in values):
         return first
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+    return _on(values, device, torch.float32).unsqueeze(1)
+
+
+def _on(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor of ``values`` on ``device`` without a blocking copy (which would first wait
+    for every iteration queued on the device: ``tandem.runner.inputs.device_tensor``)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
 def _splitmix64(x: int) -> int:
@@ -210,7 +217,7 @@ def sample_inverse_cdf(probs: torch.Tensor, uniforms: Sequence[float]) -> torch.
     keeps the cumulative sum exact enough over large vocabularies.
     """
     cdf = probs.to(torch.float64).cumsum(dim=-1)  # [n, V]
-    u = torch.tensor(uniforms, dtype=torch.float64, device=probs.device)
+    u = _on(uniforms, probs.device, torch.float64)
     target = (u * cdf[:, -1]).unsqueeze(1)  # [n, 1]
     # right=True: cdf[i - 1] <= target < cdf[i], so the token has mass, except that
     # u * total may round up to total (index V): fall back to the last token with mass.
@@ -228,7 +235,7 @@ def _bin_counts(token_lists: list[Sequence[int]], vocab: int, device: torch.devi
         # Pad with the id ``vocab``: it lands in the extra column, dropped below, as do
         # ids the logits have no column for.
         padded = [list(tokens) + [vocab] * (width - len(tokens)) for tokens in token_lists]
-        index = torch.tensor(padded, dtype=torch.long).clamp_(max=vocab).to(device)
+        index = _on(padded, device, torch.long).clamp_(max=vocab)
         counts.scatter_add_(1, index, torch.ones(index.shape, device=device))
     return counts[:, :vocab]
 
@@ -242,7 +249,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     in_prompt = _bin_counts([row.prompt_token_ids for row in rows], vocab, device) > 0
 
     def per_row(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device).view(n, 1)
+        return _on(values, device, torch.float32).view(n, 1)
 
     repetition = per_row([row.params.repetition_penalty for row in rows])
     scale = torch.where(in_prompt | in_output, repetition, 1.0)  # [n, V]
@@ -269,7 +276,7 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
                 row_index.append(i)
                 token_index.append(token)
     if row_index:
-        index = torch.tensor([row_index, token_index], device=logits.device)
+        index = _on([row_index, token_index], logits.device)
         logits[index[0], index[1]] = float("-inf")
     return logits
 
@@ -282,9 +289,9 @@ def apply_top_k(logits: torch.Tensor, top_ks: Sequence[int | None]) -> torch.Ten
     if all(k == top_ks[0] for k in top_ks):
         return logits.masked_fill(logits < top[:, -1:], float("-inf"))
     device = logits.device
-    k_index = torch.tensor([min(k or k_max, k_max) - 1 for k in top_ks], device=device)
+    k_index = _on([min(k or k_max, k_max) - 1 for k in top_ks], device)
     kth = top.gather(1, k_index.unsqueeze(1))  # [n, 1]
-    active = torch.tensor([k is not None for k in top_ks], device=device).unsqueeze(1)
+    active = _on([k is not None for k in top_ks], device).unsqueeze(1)
     return logits.masked_fill((logits < kth) & active, float("-inf"))
 
 
@@ -350,7 +357,7 @@ def logprob_tensors(
     wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
     if not wanted:
         return None
-    index = torch.tensor(wanted, device=logits.device)
+    index = _on(wanted, logits.device)
     logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # [w, V]
     sampled = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1)
     counts = [rows[i].params.logprobs or 0 for i in wanted]

@@ -94,8 +94,13 @@ def test_every_token_rule_gives_the_synchronous_result(tiny_llama_dir):
         SamplingParams(temperature=0.0, max_tokens=30, stop=[first.text[8:11] or "e"]),
         SamplingParams(temperature=0.0, max_tokens=20, min_tokens=12, ignore_eos=False),
         SamplingParams(temperature=0.9, top_p=0.8, seed=7, max_tokens=25, ignore_eos=True),
-        SamplingParams(temperature=0.0, max_tokens=20, repetition_penalty=1.3,
-                       frequency_penalty=0.5, ignore_eos=True),  # fmt: skip
+        SamplingParams(
+            temperature=0.0,
+            max_tokens=20,
+            repetition_penalty=1.3,
+            frequency_penalty=0.5,
+            ignore_eos=True,
+        ),  # fmt: skip
         SamplingParams(temperature=0.7, seed=3, logprobs=3, max_tokens=15, ignore_eos=True),
         SamplingParams(temperature=0.0, max_tokens=1),
     ]
