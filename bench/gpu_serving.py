@@ -671,7 +671,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout-per-system", type=float, default=900.0, help="seconds; 0: none")
     ap.add_argument("--peak-tflops", type=float, default=None, help="skip the matmul measurement")
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="skip the copy measurement")
-    ap.add_argument("--out", default=None, help="also write the JSON here (the only JSON on CPU)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="write the JSON here instead of bench/results/gpu_serving_<device>.json",
+    )
     args = ap.parse_args(argv)
     systems = [s for s in args.systems.split(",") if s]
     unknown = [s for s in systems if s not in SYSTEMS]
@@ -779,7 +783,7 @@ def run(args: argparse.Namespace, folder: str, cfg: Any) -> None:
     payload = json.loads(json.dumps(payload, default=float))  # numpy scalars → plain JSON
     text = json.dumps(payload, indent=2) + "\n"
     paths = []
-    if args.device.startswith("cuda"):
+    if args.device.startswith("cuda") and not args.out:  # --out: instead of the default file
         paths.append(g.write_result("gpu_serving", payload, device=args.device))
     if args.out:
         Path(args.out).write_text(text)
