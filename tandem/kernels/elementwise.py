@@ -205,11 +205,11 @@ def _rotary_store_kv_kernel(
         kp = K + t * stride_kt + hk * stride_kh + i[None, :]
         k1 = tl.load(kp, mask=km, other=0.0)
         k2 = tl.load(kp + HALF, mask=km, other=0.0)
-        a, b = k1.to(tl.float32), k2.to(tl.float32)
+        ka, kb = k1.to(tl.float32), k2.to(tl.float32)
         # The cache row of one slot is [Hkv, D] contiguous (head stride = 2 * HALF).
         cp = KC + slot * stride_slot + hk * (2 * HALF) + i[None, :]
-        tl.store(cp, (a * cos - b * sin).to(k1.dtype), mask=km)
-        tl.store(cp + HALF, (b * cos + a * sin).to(k1.dtype), mask=km)
+        tl.store(cp, (ka * cos - kb * sin).to(k1.dtype), mask=km)
+        tl.store(cp + HALF, (kb * cos + ka * sin).to(k1.dtype), mask=km)
         vp = V + t * stride_vt + hk * stride_vh + i[None, :]
         vc = VC + slot * stride_slot + hk * (2 * HALF) + i[None, :]
         tl.store(vc, tl.load(vp, mask=km), mask=km)
