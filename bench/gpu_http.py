@@ -126,9 +126,11 @@ def run_http(args, model_ref: str, tokenizer: str, trace: Path, work: Path) -> d
         print("  serve log tail:\n" + "\n".join(tail), flush=True)
         raise
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
         try:
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+        except ProcessLookupError:  # it had exited already
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
