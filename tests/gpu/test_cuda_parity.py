@@ -69,10 +69,11 @@ def test_bf16_logits_within_2e_2_of_transformers(tiny_model_dirs):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to("cuda").eval()
     prompts = mixed_prompts(model.config.vocab_size, n=4, seed=2, max_len=200)
     engine = _engine(model_dir, "bfloat16")
-    captured = []  # the logits of the last prompt position (a prefill: the eager path)
-    model_ = engine.runner.model
-    compute = model_.compute_logits
+    captured = []  # the logits of the last prompt position: eager path or (1 token) graph
+    model_, graphs = engine.runner.model, engine.runner.graphs
+    compute, replay = model_.compute_logits, graphs.run
     model_.compute_logits = lambda hidden: captured.append(compute(hidden)) or captured[-1]
+    graphs.run = lambda s, src: captured.append(replay(s, src)) or captured[-1]
     for p in prompts:
         with torch.no_grad():
             want = model(torch.tensor([p], device="cuda")).logits[0, -1].float()
