@@ -144,3 +144,20 @@ def test_export_between_overlapped_steps_moves_the_pending_token(tiny_llama_dir,
     _drain(dst)
     for b, r in zip(base_reqs, reqs, strict=True):
         assert r.output_token_ids == b.output_token_ids, f"{r.request_id} continued differently"
+
+
+def test_async_scheduling_defaults_and_the_cli_flag(tiny_llama_dir):
+    """On by default for CUDA only; ``--no-async-scheduling`` is a worker flag that reaches
+    the engine config (``tandem serve`` passes it on to the workers it starts)."""
+    from tandem import cli
+    from tandem.engine.llm import build_engine_config
+
+    assert not build_engine_config(model=tiny_llama_dir, kv_blocks=16).async_scheduling
+    on = build_engine_config(model=tiny_llama_dir, kv_blocks=16, async_scheduling=True)
+    assert on.async_scheduling
+    parser = cli.build_parser()
+    for flags, want in (([], None), (["--no-async-scheduling"], False)):
+        args = parser.parse_args(["decode-worker", "--model", str(tiny_llama_dir), *flags])
+        assert args.no_async_scheduling is (want is False)
+        config = cli._engine_config(args, parser)
+        assert config.async_scheduling is False  # CPU: off either way
