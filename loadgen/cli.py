@@ -93,7 +93,9 @@ def build_run_parser(prog: str = "tandem loadgen") -> argparse.ArgumentParser:
     a.add_argument("--duration", type=_positive_float, default=None,
                    help="stop sending after this many seconds")  # fmt: skip
     o = p.add_argument_group("output")
-    o.add_argument("--slo", default=None, help="goodput SLO, e.g. ttft:500,tpot:50,e2el:10000 (ms)")
+    o.add_argument("--slo", default=None,
+                   help="SLO in ms, e.g. ttft:500,tpot:50,e2el:10000: goodput (requests/s "
+                   "meeting it) is reported only with one, and drawn on the plots")  # fmt: skip
     o.add_argument("--out", default=None, help="folder for results.json, requests.csv and plots")
     o.add_argument("--label", default=None, help="name of this run in tables and plots")
     o.add_argument("--no-progress", action="store_true", help="no live progress line")
