@@ -100,6 +100,18 @@ def _add_http_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--request-timeout", type=float, default=600.0, help="seconds before a request fails (504)"
     )
+    p.add_argument(
+        "--max-body-mb", type=float, default=16.0, help="largest request body in MiB (413 past it)"
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=15.0,
+        help="seconds a connection has to send a whole request head (slow clients are closed)",
+    )
+    p.add_argument(
+        "--body-timeout", type=float, default=30.0, help="seconds to receive a request body (408)"
+    )
 
 
 def _add_migration_args(p: argparse.ArgumentParser) -> None:
@@ -528,7 +540,7 @@ def _run_router(
 
     from aiohttp import web
 
-    from router.app import RouterConfig, build_app
+    from router.app import RouterConfig, build_app, run_kwargs
     from router.migration import MigrationConfig
 
     try:
@@ -549,6 +561,9 @@ def _run_router(
             request_timeout=args.request_timeout,
             migration=migration,
             dispatch=args.dispatch,
+            max_body_bytes=int(args.max_body_mb * 2**20),
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
         )
         app = build_app(config)
     except (ValueError, OSError) as e:
@@ -559,7 +574,13 @@ def _run_router(
     # handler_cancellation: a client that disconnects cancels its handler (aiohttp's default
     # is off), so a non-streaming request is aborted at the worker too.
     web.run_app(
-        app, host=args.host, port=args.port, print=None, backlog=4096, handler_cancellation=True
+        app,
+        host=args.host,
+        port=args.port,
+        print=None,
+        backlog=4096,
+        handler_cancellation=True,
+        **run_kwargs(config),
     )
 
 

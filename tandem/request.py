@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 # Stands for a sampled token whose id is still on the device (never a valid token id).
 PLACEHOLDER_TOKEN = -1
+# Temperatures below this sample as greedy (their limit); dividing logits by them overflows.
+GREEDY_BELOW = 1e-5
 
 
 class RequestStatus(enum.Enum):
@@ -63,7 +65,9 @@ class SamplingParams:
     """How to pick each next token and when to stop. Validated on construction.
 
     ``top_k=None`` and ``logprobs=None`` mean "off"; no field uses a sign to switch a
-    feature. ``temperature == 0`` is greedy decoding. ``seed`` makes sampling of one
+    feature. ``temperature == 0`` is greedy decoding, and so is any temperature below
+    ``GREEDY_BELOW`` (1e-5): dividing logits by 1e-300 overflows to inf/NaN, and the limit of
+    sampling as the temperature goes to 0 is the argmax anyway. ``seed`` makes sampling of one
     request reproducible whatever else shares its batch, across preemption and across
     engines (the generator is re-derived from the seed and the output position).
     """
@@ -133,7 +137,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:

@@ -11,7 +11,7 @@ in order, follows vLLM v1 and the OpenAI API:
 2. **min_tokens**: while ``len(output_token_ids) < min_tokens`` the row's
    ``stop_token_ids`` and, unless ``ignore_eos``, its ``eos_token_ids`` get logit ``-inf``
    (with ``ignore_eos`` EOS does not stop the request, so there is nothing to hold back).
-3. **Greedy** (``temperature == 0``): argmax of the logits after steps 1-2.
+3. **Greedy** (``params.greedy``: temperature below 1e-5): argmax of the logits after steps 1-2.
    Fast path: when no row is sampled, penalised or held by min_tokens, the whole batch is
    one ``argmax`` with no per-row tensor work (the hot decode path).
 4. **Random** rows: divide by ``temperature``; **top-k** keeps tokens whose logit is at
