@@ -2,7 +2,8 @@
 
 Run:      tandem loadgen --url URL [workload] [arrivals] [bounds] [--slo ...] [--out DIR]
 Sweep:    tandem loadgen ... --request-rate 1,2,4,8 --out DIR   (one run per rate + sweep.png)
-Compare:  tandem loadgen compare DIR_A DIR_B ... [--labels a,b] [--out DIR]
+Compare:  tandem loadgen compare DIR_A DIR_B ... [--labels a,b] [--out DIR]  (runs and/or
+          sweeps; plots go to ./loadgen-compare by default: see loadgen.compare)
 
 Exit status: 0 when the run finished (errors are counted in the report, not hidden);
 1 with ``--fail-on-error`` when any request failed; 2 for bad arguments or an unreachable
@@ -24,6 +25,7 @@ from typing import Any
 
 from loadgen.arrivals import parse_rates
 from loadgen.client import Target
+from loadgen.compare import compare_main
 from loadgen.dataset import SYNTHETIC, DatasetError, load_jobs
 from loadgen.metrics import parse_slo, summarize
 from loadgen.progress import Progress
@@ -104,19 +106,13 @@ def build_run_parser(prog: str = "tandem loadgen") -> argparse.ArgumentParser:
     a.add_argument("--duration", type=_positive_float, default=None,
                    help="stop sending after this many seconds")  # fmt: skip
     o = p.add_argument_group("output")
-    o.add_argument("--slo", default=None, help="goodput SLO, e.g. ttft:500,tpot:50,e2el:10000 (ms)")
+    o.add_argument("--slo", default=None,
+                   help="SLO in ms, e.g. ttft:500,tpot:50,e2el:10000: goodput (requests/s "
+                   "meeting it) is reported only with one, and drawn on the plots")  # fmt: skip
     o.add_argument("--out", default=None, help="folder for results.json, requests.csv and plots")
     o.add_argument("--label", default=None, help="name of this run in tables and plots")
     o.add_argument("--no-progress", action="store_true", help="no live progress line")
     o.add_argument("--fail-on-error", action="store_true", help="exit 1 if any request failed")
-    return p
-
-
-def build_compare_parser(prog: str = "tandem loadgen compare") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Compare loadgen runs (or sweeps).")
-    p.add_argument("runs", nargs="+", help="--out folders of earlier runs (or sweeps)")
-    p.add_argument("--labels", default=None, help="comma-separated names (default: folder names)")
-    p.add_argument("--out", default="loadgen-compare", help="folder for the overlaid plots")
     return p
 
 
@@ -263,37 +259,3 @@ def _plot_run(folder: Path, label: str) -> None:
     _, rows = read_run(folder)
     plot_cdfs({label: rows}, folder / "cdf.png")
     plot_timeline({label: rows}, folder / "timeline.png")
-
-
-def compare_main(argv: Sequence[str], prog: str = "tandem loadgen compare") -> int:
-    from loadgen.plots import plot_cdfs, plot_sweep, plot_timeline
-
-    parser = build_compare_parser(prog)
-    args = parser.parse_args(argv)
-    folders = [Path(r) for r in args.runs]
-    labels = args.labels.split(",") if args.labels else [f.name for f in folders]
-    if len(labels) != len(folders):
-        parser.error(f"--labels has {len(labels)} names for {len(folders)} runs")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if all((f / "sweep.json").is_file() for f in folders):
-        series = {}
-        for label, f in zip(labels, folders, strict=True):
-            points = json.loads((f / "sweep.json").read_text())["points"]
-            series[label] = [(p["request_rate"] or math.inf, p) for p in points]
-        for rate in sorted({r for s in series.values() for r, _ in s}):
-            print(f"--- {rate:g} req/s ---")
-            print(render_compare({k: p for k, s in series.items() for r, p in s if r == rate}))
-        plot_sweep(series, out / "sweep.png")
-    else:
-        runs = {}
-        for label, f in zip(labels, folders, strict=True):
-            try:
-                runs[label] = read_run(f)
-            except FileNotFoundError as e:
-                parser.error(str(e))
-        print(render_compare({k: s for k, (s, _) in runs.items()}))
-        plot_cdfs({k: rows for k, (_, rows) in runs.items()}, out / "cdf.png")
-        plot_timeline({k: rows for k, (_, rows) in runs.items()}, out / "timeline.png")
-    print(f"wrote {out}/", file=sys.stderr)
-    return 0

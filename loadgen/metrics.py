@@ -6,7 +6,8 @@
   ``request_throughput`` = completed / duration; ``output_throughput`` = output tokens of
   completed requests / duration; ``total_token_throughput`` adds their prompt tokens.
 - ``goodput``: completed requests per second that meet every SLO given (``ttft``, ``tpot``,
-  ``e2el``, in ms, as vLLM's ``--goodput``); with no SLO every completed request counts.
+  ``e2el``, in ms, as vLLM's ``--goodput``), with ``goodput_requests`` (their count) and
+  ``slo_ms`` (the SLO). Without an SLO goodput means nothing, so these three are absent.
 - Latency statistics (``ttft_ms``, ``tpot_ms``, ``itl_ms``, ``e2el_ms``) are over completed
   requests: mean, std, p50 (the median), p90, p99, min, max. ITL pools the gaps of all
   requests. TPOT is defined only for requests with more than one output token.
@@ -94,6 +95,7 @@ def summarize(
     out_tokens = sum(r.output_len for r in ok)
     in_tokens = sum(r.prompt_len for r in ok)
     good = sum(meets_slo(r, slo) for r in ok)
+    goodput = {"goodput": good / duration, "goodput_requests": good, "slo_ms": dict(slo)}
     summary: dict[str, Any] = {
         "completed": len(ok),
         "errors": len(failed),
@@ -104,9 +106,7 @@ def summarize(
         "request_throughput": len(ok) / duration,
         "output_throughput": out_tokens / duration,
         "total_token_throughput": (in_tokens + out_tokens) / duration,
-        "goodput": good / duration,
-        "goodput_requests": good,
-        "slo_ms": dict(slo),
+        **(goodput if slo else {}),
         "error_kinds": dict(Counter(_kind(r.error) for r in failed if r.error)),
         **_latencies(records),
     }

@@ -27,7 +27,6 @@ _ROWS = (
     ("Request throughput (req/s)", "request_throughput", "{:.2f}"),
     ("Output token throughput (tok/s)", "output_throughput", "{:.1f}"),
     ("Total token throughput (tok/s)", "total_token_throughput", "{:.1f}"),
-    ("Goodput (req/s)", "goodput", "{:.2f}"),
 )
 _LATENCIES = (
     ("TTFT", "ttft_ms"),
@@ -44,9 +43,11 @@ def _fmt(fmt: str, value: Any) -> str:
 
 
 def table_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """(metric, formatted value) rows of a summary; goodput rows only for a run with an SLO."""
     rows = [(label, _fmt(fmt, summary.get(key))) for label, key, fmt in _ROWS]
-    if summary.get("slo_ms"):
+    if summary.get("slo_ms"):  # results.json of older runs has goodput without an SLO too
         slo = ", ".join(f"{k} {v:g} ms" for k, v in summary["slo_ms"].items())
+        rows.append(("Goodput (req/s)", _fmt("{:.2f}", summary.get("goodput"))))
         rows.append(("Goodput SLO", slo))
     for label, key in _LATENCIES:
         stats = summary.get(key) or {}
@@ -54,6 +55,10 @@ def table_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append((f"{stat.capitalize() if stat == 'mean' else stat} {label} (ms)",
                          _fmt("{:.2f}", stats.get(stat))))  # fmt: skip
     return rows
+
+
+# every row a table can have, in table order (a summary with an SLO has them all)
+_ROW_ORDER = [metric for metric, _ in table_rows({"slo_ms": {"ttft": 1.0}})]
 
 
 def render_table(summary: dict[str, Any], title: str = "Serving benchmark result") -> str:
@@ -80,15 +85,22 @@ def render_table(summary: dict[str, Any], title: str = "Serving benchmark result
 
 
 def render_compare(summaries: dict[str, dict[str, Any]]) -> str:
-    """Side-by-side table: one column per run, and each run's ratio to the first."""
+    """Side-by-side table: one right-aligned column per run, "-" where a run lacks a row.
+
+    Rows are the union of every run's rows (a run without an SLO has no goodput rows), in
+    table order. Every column is as wide as its widest cell plus two spaces, so no two
+    values ever touch.
+    """
     labels = list(summaries)
     per_run = {name: dict(table_rows(s)) for name, s in summaries.items()}
-    metrics = [a for a, _ in table_rows(next(iter(summaries.values())))]
+    metrics = list(dict.fromkeys(m for rows in per_run.values() for m in rows))
+    metrics.sort(key=_ROW_ORDER.index)
     width = max(len(m) for m in metrics) + 2
-    col = max(14, *(len(n) + 2 for n in labels))
-    lines = [f"{'':<{width}}" + "".join(f"{n:>{col}}" for n in labels)]
+    cols = {n: 2 + max(12, len(n), *(len(v) for v in per_run[n].values())) for n in labels}
+    lines = [f"{'':<{width}}" + "".join(f"{n:>{cols[n]}}" for n in labels)]
     for m in metrics:
-        lines.append(f"{m:<{width}}" + "".join(f"{per_run[n].get(m, '-'):>{col}}" for n in labels))
+        cells = "".join(f"{per_run[n].get(m, '-'):>{cols[n]}}" for n in labels)
+        lines.append(f"{m:<{width}}{cells}")
     return "\n".join(lines)
 
 

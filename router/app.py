@@ -30,8 +30,10 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,7 +43,14 @@ from router.admin import Admin
 from router.admission import DISPATCH, AdmissionQueue
 from router.metrics import RouterMetrics
 from router.migration import MigrationConfig, Migrator
-from router.openai_api import ApiError, ParsedRequest, parse_chat, parse_completion
+from router.openai_api import (
+    ApiError,
+    Limits,
+    ParsedRequest,
+    check_text,
+    parse_chat,
+    parse_completion,
+)
 from router.prefix_affinity import PrefixAffinity
 from router.workers import WORKER_LOST, InOrder, Route, WorkerClient
 from tandem import protocol
@@ -51,6 +60,7 @@ from tandem.sched.cost_model import CostModel
 from tandem.tokenizer import FastTokenizer
 
 log = logging.getLogger("tandem.router")
+SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,9 @@ class RouterConfig:
     cost_model: str | None = None  # JSON CostModel for skip-join admission (default: generic)
     migration: MigrationConfig = MigrationConfig()
     dispatch: str = "prefix"  # prefix (usage less cached-prefix bonus) | usage | round-robin
+    max_body_bytes: int = 16 * 2**20  # larger request bodies get 413
+    header_timeout: float = 15.0  # a connection must send a whole request head within this
+    body_timeout: float = 30.0  # ... and its body within this once the head is in
 
     def __post_init__(self) -> None:
         if self.dispatch not in DISPATCH:
@@ -77,12 +90,26 @@ class RouterConfig:
             )
         if self.max_in_flight < 1 or self.request_timeout <= 0:
             raise ValueError("max_in_flight must be >= 1 and request_timeout > 0")
+        if self.max_body_bytes < 1024:
+            raise ValueError(
+                f"--max-body-mb must allow at least 1 KiB, got {self.max_body_bytes} bytes"
+            )
+        if self.header_timeout <= 0 or self.body_timeout <= 0:
+            raise ValueError("--header-timeout and --body-timeout must be > 0")
 
 
 class Router:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.tokenizer = FastTokenizer(config.model_dir)
+        self.max_token_chars = max(
+            map(len, self.tokenizer.backend_tokenizer.get_vocab()), default=1
+        )
+        # Parsing (JSON, chat template, tokenization) runs here, off the event loop: a huge
+        # prompt must not stall /health and every other stream while it is tokenized.
+        self._parse_pool = ThreadPoolExecutor(
+            max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="tandem-parse"
+        )
         self.special_ids = special_token_ids(self.tokenizer)
         self.registry = make_registry(config.registry_url) if config.registry_url else None
         cost = CostModel.load(config.cost_model) if config.cost_model else None
@@ -119,6 +146,7 @@ class Router:
             await w.close()
         if self.registry is not None:
             await self.registry.close()
+        self._parse_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _watch_registry(self) -> None:
         while True:
@@ -188,16 +216,43 @@ class Router:
             web.post("/generate", self.generate),
             web.get("/v1/models", self.models),
             web.get("/health", self.health),
+            web.get("/health/ready", self.health),
+            web.get("/health/live", self.liveness),
             web.get("/metrics", self.metrics_endpoint),
             *Admin(self.migrator).routes(),
         ]
 
+    def readiness(self) -> tuple[bool, str]:
+        """(servable, why not): a request can be served only by a connected colocated worker,
+        or by a connected prefill worker together with a connected decode worker."""
+        roles = {w.role for w in self.workers if w.connected and not w.draining}
+        if "colocated" in roles or {"prefill", "decode"} <= roles:
+            return True, ""
+        if not roles:
+            return False, "no worker is connected"
+        if "decode" in roles:
+            return False, "no prefill worker is connected (the decode pool needs one)"
+        return False, "no decode worker is connected (the prefill pool needs one)"
+
     async def health(self, request: web.Request) -> web.Response:
-        live = sum(w.connected for w in self.workers)
-        status = 200 if live else 503
-        return web.json_response(
-            {"status": "ok" if live else "no workers", "workers": live}, status=status
-        )
+        """Readiness: 200 only when a request can be served; 503 saying what is missing."""
+        ready, why = self.readiness()
+        roles: dict[str, int] = {}
+        for w in self.workers:
+            if w.connected:
+                roles[w.role] = roles.get(w.role, 0) + 1
+        body: dict[str, Any] = {
+            "status": "ok" if ready else "unavailable",
+            "workers": sum(roles.values()),
+            "roles": roles,
+        }
+        if not ready:
+            body["reason"] = why
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def liveness(self, request: web.Request) -> web.Response:
+        """Liveness: the router's event loop answers (workers or not)."""
+        return web.json_response({"status": "alive"})
 
     async def models(self, request: web.Request) -> web.Response:
         card = {
@@ -222,19 +277,26 @@ class Router:
 
     async def _openai(self, request: web.Request, chat: bool) -> web.StreamResponse:
         def parse(body: Any) -> ParsedRequest:
-            name = self.config.served_model_name
             if chat:
-                return parse_chat(body, self.tokenizer, name, self.max_model_len)
-            return parse_completion(body, self.tokenizer, name, self.max_model_len, self.vocab_size)
+                return parse_chat(body, self.tokenizer, self.limits())
+            return parse_completion(body, self.tokenizer, self.limits())
 
         return await self._accept(request, parse, self._run)
+
+    def limits(self) -> Limits:
+        return Limits(
+            self.config.served_model_name, self.max_model_len, self.vocab_size, self.max_token_chars
+        )
 
     async def _accept(self, request: web.Request, parse, run) -> web.StreamResponse:
         """Validate (``parse``: body -> ParsedRequest) and admit, answering 4xx/5xx JSON on
         refusal; then ``run`` it, counting it in flight until it ends."""
         try:
             self._require_worker()
-            parsed = parse(await _json(request))
+            raw = await _body(request, self.config.body_timeout, self.config.max_body_bytes)
+            parsed = await asyncio.get_running_loop().run_in_executor(
+                self._parse_pool, _parse_body, raw, parse
+            )
             self._admit()
         except ApiError as e:
             self.metrics.requests["rejected"] += 1
@@ -247,8 +309,9 @@ class Router:
     def _require_worker(self) -> None:
         """503 (retryable) while no worker is connected: limits such as max_model_len come
         from the workers, so nothing can be validated without one."""
-        if not any(w.connected for w in self.workers):
-            raise ApiError(503, "no worker is available")
+        ready, why = self.readiness()
+        if not ready:
+            raise ApiError(503, f"no worker is available: {why}")
 
     def _admit(self) -> None:
         if self.in_flight >= self.config.max_in_flight:
@@ -291,9 +354,10 @@ class Router:
         try:
             if p.stream:
                 response = web.StreamResponse(
-                    headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                    headers={"Content-Type": SSE_CONTENT_TYPE, "Cache-Control": "no-cache"}
                 )
                 await response.prepare(request)
+                request[_STREAMING] = True
                 if p.chat:
                     await _sse(
                         response,
@@ -420,11 +484,22 @@ class Router:
             self.admission.submitted(worker, granted)
 
     def _route(self, worker: WorkerClient, rid: str, prompt: list[int], params, priority: int):
-        """Submit to a colocated worker, or through a prefill worker to decode ``worker``."""
+        """Submit to a colocated worker, or through a prefill worker to decode ``worker``.
+
+        All or nothing: if anything fails before the submit is on the wire, every queue this
+        request registered is released, so a failed submit never holds a worker slot."""
         try:
             return self._route_unchecked(worker, rid, prompt, params, priority)
+        except ApiError:
+            worker.release(rid)
+            raise
         except ConnectionError as e:  # the worker went away between admission and submit
+            worker.release(rid)
             raise ApiError(503, f"worker unavailable: {e}") from None
+        except Exception as e:  # e.g. a message msgpack cannot encode: a bug, not the client's
+            worker.abort(rid)  # releases it here; a decode worker told to expect it lets go
+            log.exception("submit of %s failed", rid)
+            raise ApiError(500, f"could not submit the request to a worker: {e}") from None
 
     def _route_unchecked(
         self, worker: WorkerClient, rid: str, prompt: list[int], params, priority: int
@@ -564,16 +639,14 @@ class Router:
                     "'prompt_token_ids' must be a non-empty list of integers",
                     "prompt_token_ids",
                 )
-            sp = dict(body.get("sampling_params") or {})
-            sp.setdefault("max_tokens", 16)
-            as_completion = {"prompt": ids, **sp, "stream": True, "model": None}
-            return parse_completion(
-                as_completion,
-                self.tokenizer,
-                self.config.served_model_name,
-                self.max_model_len,
-                self.vocab_size,
-            )
+            sp = body.get("sampling_params")
+            if sp is None:
+                sp = {}
+            if not isinstance(sp, dict):
+                raise ApiError(400, "'sampling_params' must be an object", "sampling_params")
+            sp = {"max_tokens": 16, **sp}
+            as_completion = {**sp, "prompt": ids, "stream": True, "model": None}
+            return parse_completion(as_completion, self.tokenizer, self.limits())
 
         return await self._accept(request, parse, self._generate)
 
@@ -585,10 +658,11 @@ class Router:
             self.metrics.requests["error"] += 1
             return _error(e)
         flight = self.migrator.track(rid, rid, worker, len(p.prompt_token_ids), p.params.max_tokens)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response = web.StreamResponse(headers={"Content-Type": SSE_CONTENT_TYPE})
         outcome = "abort"
         try:
             await response.prepare(request)
+            request[_STREAMING] = True
             deadline = time.monotonic() + self.config.request_timeout
             order = InOrder()
             while True:
@@ -622,11 +696,29 @@ class Router:
             self._end(worker, rid, rid, outcome)
 
 
-async def _json(request: web.Request) -> Any:
+async def _body(request: web.Request, timeout: float, max_bytes: int) -> bytes:
+    """The whole body within ``timeout`` seconds (a client that trickles it is cut off),
+    at most the app's ``client_max_size`` (413 past it)."""
     try:
-        return await request.json()
+        return await asyncio.wait_for(request.read(), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"request body not received within {timeout:.0f}s") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(
+            413, f"request body is larger than the limit of {max_bytes} bytes (--max-body-mb)"
+        ) from None
+
+
+def _parse_body(raw: bytes, parse) -> ParsedRequest:
+    """JSON decode, text check and ``parse`` (runs on the parse pool, off the loop)."""
+    try:
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "request body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
+    check_text(body)
+    return parse(body)
 
 
 def _error(e: ApiError) -> web.Response:
@@ -641,11 +733,48 @@ async def _sse(response: web.StreamResponse, payload: dict[str, Any]) -> None:
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("router", Router)
 
 
+_STREAMING = "tandem.streaming"  # request key: set once an SSE response is on the wire
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every error the client sees is OpenAI's error JSON: aiohttp's own 404/405/413 and
+    any unexpected exception (500, logged with its traceback here, never sent)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = {
+            404: f"no such endpoint: {request.method} {request.path}",
+            405: f"method {request.method} is not allowed on {request.path}",
+            413: "request body is larger than the limit (--max-body-mb)",
+        }.get(e.status, e.reason)
+        headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        return web.json_response(
+            ApiError(e.status, message).body(), status=e.status, headers=headers
+        )
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        if request.get(_STREAMING):
+            raise  # the stream is already open: aiohttp closes the connection
+        return web.json_response(ApiError(500, "internal server error").body(), status=500)
+
+
 def build_app(config: RouterConfig) -> web.Application:
     router = Router(config)
-    app = web.Application(client_max_size=64 * 2**20)
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[openai_errors])
     app[ROUTER_KEY] = router
     app.add_routes(router.routes())
     app.on_startup.append(router.start)
     app.on_cleanup.append(router.stop)
     return app
+
+
+def run_kwargs(config: RouterConfig) -> dict[str, Any]:
+    """``web.run_app`` arguments that bound a connection's life before its request is in.
+
+    aiohttp closes a connection still waiting for its request head once
+    ``keepalive_timeout`` has passed since it opened (or since its last response): the
+    header timeout. The body has ``body_timeout`` once the handler reads it."""
+    return {"keepalive_timeout": config.header_timeout}

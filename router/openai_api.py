@@ -5,10 +5,16 @@ parameter, which the app turns into OpenAI's error JSON. Accepted: temperature, 
 top_k, min_p, max_tokens / max_completion_tokens, stop, seed, logprobs / top_logprobs,
 presence/frequency/repetition penalty, n=1, stream, stream_options.include_usage, and the
 extensions priority, ignore_eos, min_tokens, stop_token_ids.
+
+Contract: whatever a client sends, parsing either returns a request every later stage can
+carry (every integer fits the 64-bit wire format, every token id is inside the vocabulary,
+every string is valid Unicode, booleans are booleans) or raises ``ApiError`` (4xx). Text
+that cannot fit the context is refused from its length in characters, before tokenizing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +58,30 @@ _KNOWN = {
 _UNSUPPORTED = {"echo": False, "best_of": 1, "logit_bias": None, "suffix": None}
 
 
+# Integers cross msgpack (signed or unsigned 64-bit); anything wider is refused up front.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request is checked against: the served name and the workers' limits.
+
+    ``max_token_chars`` is the longest token of the vocabulary in characters (bytes for a
+    byte-level BPE): a text of more than ``max_model_len * max_token_chars * 4`` characters
+    cannot fit the context whatever its tokenization (the 4 allows for normalizers that
+    compose characters), so it is refused without tokenizing it.
+    """
+
+    served: str
+    max_model_len: int
+    vocab_size: int
+    max_token_chars: int = 64
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return max(self.max_model_len, 1) * max(self.max_token_chars, 1) * 4
+
+
 def _number(body: dict, key: str, default: Any, kind: type = float) -> Any:
     value = body.get(key, default)
     if value is None:
@@ -62,7 +92,77 @@ def _number(body: dict, key: str, default: Any, kind: type = float) -> Any:
         or (kind is int and not isinstance(value, int))
     ):
         raise ApiError(400, f"'{key}' must be {'an integer' if kind is int else 'a number'}", key)
+    if kind is int and not INT64_MIN <= value <= INT64_MAX:
+        raise ApiError(400, f"'{key}' must be a 64-bit integer (in [-2**63, 2**63 - 1])", key)
     return kind(value)
+
+
+def _bool(body: dict, key: str, default: bool, param: str | None = None) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        name = param or key
+        raise ApiError(400, f"'{name}' must be a boolean (true or false)", name)
+    return value
+
+
+def _token_ids(value: Any, key: str, vocab_size: int, allow_empty: bool) -> list[int]:
+    """A list of token ids, each in [0, vocab_size)."""
+    if (
+        not isinstance(value, list)
+        or (not value and not allow_empty)
+        or not all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    ):
+        what = "a list" if allow_empty else "a non-empty list"
+        raise ApiError(400, f"'{key}' must be {what} of integers", key)
+    bad = [t for t in value if not 0 <= t < vocab_size]
+    if bad:
+        raise ApiError(400, f"'{key}' token ids must be in [0, {vocab_size}); got {bad[:5]}", key)
+    return value
+
+
+def check_text(body: Any) -> None:
+    """Refuse any string in the parsed JSON body that is not valid Unicode (a lone UTF-16
+    surrogate such as ``"\\ud800"`` parses in Python but cannot be tokenized or echoed as
+    UTF-8). Iterative: a deep body cannot overflow the stack here."""
+    for path, text in _strings(body):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = text[e.start]
+            raise ApiError(
+                400,
+                f"{path or 'body'} contains a lone UTF-16 surrogate (U+{ord(bad):04X}): "
+                "text must be valid Unicode",
+                path.split("[", 1)[0].split(".", 1)[0] or None,
+            ) from None
+
+
+def _strings(body: Any) -> Iterator[tuple[str, str]]:
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                yield path, value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(k, str) and not k.isascii():
+                    yield f"{path}.<key>" if path else "<key>", k
+                stack.append((f"{path}.{k}" if path else str(k), v))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+
+
+def _check_length(chars: int, limits: Limits, what: str) -> None:
+    if chars > limits.max_prompt_chars:
+        raise ApiError(
+            400,
+            f"{what} is {chars} characters long, more than this model's context of "
+            f"{limits.max_model_len} tokens could hold",
+            "messages" if what == "the conversation" else "prompt",
+        )
 
 
 def _check_model(body: dict, served: str) -> None:
@@ -74,8 +174,9 @@ def _check_model(body: dict, served: str) -> None:
 
 
 def _common(
-    body: dict, default_max_tokens: int, max_model_len: int, prompt_len: int, chat: bool
+    body: dict, default_max_tokens: int, limits: Limits, prompt_len: int, chat: bool
 ) -> tuple:
+    max_model_len = limits.max_model_len
     for key, neutral in _UNSUPPORTED.items():
         if body.get(key, neutral) not in (neutral, None):
             raise ApiError(400, f"'{key}' is not supported", key)
@@ -113,20 +214,18 @@ def _common(
         logprobs = body.get("logprobs")
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
             raise ApiError(400, "'logprobs' must be an integer", "logprobs")
-    stream_options = body.get("stream_options") or {}
+    stream_options = body.get("stream_options")
+    if stream_options is None:
+        stream_options = {}
     if not isinstance(stream_options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be a boolean", "stream")
-    top_k = body.get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
-        raise ApiError(400, "'top_k' must be an integer", "top_k")
-    stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in stop_ids
-    ):
-        raise ApiError(400, "'stop_token_ids' must be a list of integers", "stop_token_ids")
+    stream = _bool(body, "stream", False)
+    include_usage = _bool(stream_options, "include_usage", False, "stream_options.include_usage")
+    top_k = _number(body, "top_k", None, int)
+    stop_ids = body.get("stop_token_ids")
+    stop_ids = _token_ids(
+        [] if stop_ids is None else stop_ids, "stop_token_ids", limits.vocab_size, True
+    )
     try:
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -141,90 +240,98 @@ def _common(
             repetition_penalty=_number(body, "repetition_penalty", 1.0),
             stop=stop,
             stop_token_ids=tuple(stop_ids),
-            ignore_eos=bool(body.get("ignore_eos", False)),
+            ignore_eos=_bool(body, "ignore_eos", False),
             logprobs=logprobs,
         )
     except ValueError as e:
         param = str(e).split(" ", 1)[0]
         raise ApiError(400, str(e), param) from None
     priority = _number(body, "priority", 0, int)
-    return params, stream, bool(stream_options.get("include_usage", False)), priority, logprobs
+    return params, stream, include_usage, priority, logprobs
 
 
-def parse_completion(
-    body: Any, tokenizer: Any, served: str, max_model_len: int, vocab_size: int
-) -> ParsedRequest:
+def parse_completion(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
-    _check_model(body, served)
+    _check_model(body, limits.served)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
+    if isinstance(prompt, str) and prompt:
+        _check_length(len(prompt), limits, "the prompt")
         ids = tokenizer.encode(prompt)
-    elif (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    ):
-        bad = [t for t in prompt if not 0 <= t < vocab_size]
-        if bad:
+    elif isinstance(prompt, list) and prompt:
+        if len(prompt) > limits.max_model_len:
             raise ApiError(
-                400, f"prompt token ids must be in [0, {vocab_size}); got {bad[:5]}", "prompt"
+                400,
+                f"the prompt has {len(prompt)} tokens; this model's maximum context length "
+                f"is {limits.max_model_len}",
+                "prompt",
             )
-        ids = list(prompt)
+        ids = list(_token_ids(prompt, "prompt", limits.vocab_size, False))
     else:
         raise ApiError(
             400,
-            "'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
+            "'prompt' must be a non-empty string or a non-empty list of token ids "
+            "(one prompt per request)",
             "prompt",
         )
     if not ids:
-        raise ApiError(400, "'prompt' must not be empty", "prompt")
-    params, stream, usage, prio, logprobs = _common(body, 16, max_model_len, len(ids), chat=False)
+        raise ApiError(400, "'prompt' tokenizes to no tokens", "prompt")
+    params, stream, usage, prio, logprobs = _common(body, 16, limits, len(ids), chat=False)
     return ParsedRequest(ids, params, stream, usage, prio, chat=False, logprobs=logprobs)
 
 
-def parse_chat(body: Any, tokenizer: Any, served: str, max_model_len: int) -> ParsedRequest:
+_ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+def _message_text(i: int, content: Any) -> str:
+    """A message's content as one string: a string, or a non-empty list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts: text ones only
+        if not content:
+            raise ApiError(400, f"messages[{i}].content must not be an empty list", "messages")
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ApiError(
+                    400, f"messages[{i}]: only text content parts are supported", "messages"
+                )
+            if not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{i}].content[{j}] needs a 'text' string", "messages")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ApiError(
+        400, f"messages[{i}].content must be a string or a list of text parts", "messages"
+    )
+
+
+def parse_chat(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
-    _check_model(body, served)
+    _check_model(body, limits.served)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
     clean = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in (
-            "system",
-            "user",
-            "assistant",
-            "developer",
-            "tool",
-        ):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES:
             raise ApiError(
                 400,
                 f"messages[{i}] needs a 'role' of system, user, assistant, developer or tool",
                 "messages",
             )
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise ApiError(
-                    400, f"messages[{i}]: only text content parts are supported", "messages"
-                )
-            content = "".join(str(p.get("text", "")) for p in content)
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string", "messages")
+        content = _message_text(i, m.get("content"))
         clean.append(
             {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
         )
+    _check_length(sum(len(m["content"]) for m in clean), limits, "the conversation")
     try:
         text = tokenizer.apply_chat_template(clean, add_generation_prompt=True)
     except Exception as e:  # template errors are the request's problem
         raise ApiError(400, f"chat template: {e}", "messages") from None
     ids = tokenizer.encode(text, add_special_tokens=False)
-    default = max(1, max_model_len - len(ids))
-    params, stream, usage, prio, logprobs = _common(
-        body, default, max_model_len, len(ids), chat=True
-    )
+    default = max(1, limits.max_model_len - len(ids))
+    params, stream, usage, prio, logprobs = _common(body, default, limits, len(ids), chat=True)
     return ParsedRequest(ids, params, stream, usage, prio, chat=True, logprobs=logprobs)

@@ -83,9 +83,10 @@ class WorkerClient:
     def submit(self, msg: dict[str, Any], q: asyncio.Queue | None = None) -> asyncio.Queue:
         if self._writer is None:
             raise ConnectionError(f"worker {self.address} is not connected")
+        frame = protocol.encode(msg)  # first: a message that cannot be encoded holds nothing
         q = q if q is not None else asyncio.Queue()
         self._queues[msg["request_id"]] = q
-        self._writer.write(protocol.encode(msg))
+        self._writer.write(frame)
         return q
 
     @property
@@ -97,8 +98,9 @@ class WorkerClient:
         its tokens will arrive on this connection, into ``q``."""
         if self._writer is None:
             raise ConnectionError(f"worker {self.address} is not connected")
+        frame = protocol.encode({"type": "expect", "request_id": request_id})
         self._queues[request_id] = q
-        self._writer.write(protocol.encode({"type": "expect", "request_id": request_id}))
+        self._writer.write(frame)
 
     def expect_migration(self, request_id: str, q: asyncio.Queue) -> None:
         """``expect`` for a migration's destination: until ``migration_landed`` the request

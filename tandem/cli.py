@@ -96,6 +96,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="attention kernels: auto = triton on CUDA, torch reference on CPU (default: auto)",
     )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode batches")
+    p.add_argument(
+        "--no-async-scheduling",
+        action="store_true",
+        help="schedule each iteration only after the previous one finished (default on CUDA: "
+        "the next iteration is scheduled while the current one runs)",
+    )
 
 
 def _add_http_args(p: argparse.ArgumentParser) -> None:
@@ -107,6 +113,18 @@ def _add_http_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-in-flight", type=int, default=4096, help="requests in flight before 429")
     p.add_argument(
         "--request-timeout", type=float, default=600.0, help="seconds before a request fails (504)"
+    )
+    p.add_argument(
+        "--max-body-mb", type=float, default=16.0, help="largest request body in MiB (413 past it)"
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=15.0,
+        help="seconds a connection has to send a whole request head (slow clients are closed)",
+    )
+    p.add_argument(
+        "--body-timeout", type=float, default=30.0, help="seconds to receive a request body (408)"
     )
 
 
@@ -386,6 +404,7 @@ def _engine_config(
             gpu_memory_utilization=args.gpu_memory_utilization,
             attention=args.attention_backend,
             cuda_graphs=not args.enforce_eager,
+            async_scheduling=False if args.no_async_scheduling else None,
         )
     except (ValueError, OSError) as e:
         parser.error(str(e))
@@ -408,6 +427,12 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         from tandem.engine.llm_engine import LLMEngine
 
         config = _engine_config(args, parser)
+        if args.command == "prefill-worker":
+            from dataclasses import replace
+
+            # It hands each request off right after its first token: overlapping would
+            # only schedule a decode step there that the handoff then has to wait for.
+            config = replace(config, async_scheduling=False)
         if args.kv_transfer == "nccl" and not config.device.startswith("cuda"):
             parser.error(f"--kv-transfer nccl needs --device cuda[:N], got {config.device!r}")
         _select_cuda_device(config.device)
@@ -531,7 +556,7 @@ def _run_router(
 
     from aiohttp import web
 
-    from router.app import RouterConfig, build_app
+    from router.app import RouterConfig, build_app, run_kwargs
     from router.migration import MigrationConfig
 
     try:
@@ -552,6 +577,9 @@ def _run_router(
             request_timeout=args.request_timeout,
             migration=migration,
             dispatch=args.dispatch,
+            max_body_bytes=int(args.max_body_mb * 2**20),
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
         )
         app = build_app(config)
     except (ValueError, OSError) as e:
@@ -562,7 +590,13 @@ def _run_router(
     # handler_cancellation: a client that disconnects cancels its handler (aiohttp's default
     # is off), so a non-streaming request is aborted at the worker too.
     web.run_app(
-        app, host=args.host, port=args.port, print=None, backlog=4096, handler_cancellation=True
+        app,
+        host=args.host,
+        port=args.port,
+        print=None,
+        backlog=4096,
+        handler_cancellation=True,
+        **run_kwargs(config),
     )
 
 
@@ -616,6 +650,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         engine_flags.append("--no-prefix-caching")
     if args.enforce_eager:
         engine_flags.append("--enforce-eager")
+    if args.no_async_scheduling:
+        engine_flags.append("--no-async-scheduling")
     if args.decode_workers:
         kv = ["--kv-transfer", placement.kv_transfer]
         lease = ["--migration-lease", str(args.migration_lease)]

@@ -324,6 +324,9 @@ class EngineConfig:
     attention: str = "auto"
     # Capture decode batches in CUDA graphs (CUDA with the triton backend only).
     cuda_graphs: bool = True
+    # Schedule iteration N+1 while N runs on the device (LLMEngine). build_engine_config
+    # turns it on for CUDA unless asked not to (--no-async-scheduling).
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         _require(

@@ -5,7 +5,13 @@ A ``Request`` counts its progress instead of flagging a phase:
     num_tokens          = len(prompt_token_ids) + len(output_token_ids)
     num_computed_tokens = tokens whose K/V are in the request's blocks
 
-Invariant: ``0 <= num_computed_tokens <= num_tokens``. A request needs a forward pass
+Invariant: ``0 <= num_computed_tokens <= num_tokens``.
+
+With async scheduling a sampled token is known on the host one step after it was
+sampled: ``num_pending_tokens`` (0 or 1) counts tokens sampled on the device whose ids
+are not read yet. They are part of ``num_tokens`` (the scheduler builds the next step
+over them) and appear as ``PLACEHOLDER_TOKEN`` in ``token_slice``; the runner fills them
+in on the device. ``output_token_ids`` and ``all_token_ids`` hold known tokens only. A request needs a forward pass
 over ``num_tokens - num_computed_tokens`` tokens; it produces a new token only in the
 pass that brings ``num_computed_tokens`` up to ``num_tokens``. Prefill, chunked prefill,
 decode and recompute-after-preemption are all the same rule.
@@ -23,6 +29,11 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+
+# Stands for a sampled token whose id is still on the device (never a valid token id).
+PLACEHOLDER_TOKEN = -1
+# Temperatures below this sample as greedy (their limit); dividing logits by them overflows.
+GREEDY_BELOW = 1e-5
 
 
 class RequestStatus(enum.Enum):
@@ -54,7 +65,9 @@ class SamplingParams:
     """How to pick each next token and when to stop. Validated on construction.
 
     ``top_k=None`` and ``logprobs=None`` mean "off"; no field uses a sign to switch a
-    feature. ``temperature == 0`` is greedy decoding. ``seed`` makes sampling of one
+    feature. ``temperature == 0`` is greedy decoding, and so is any temperature below
+    ``GREEDY_BELOW`` (1e-5): dividing logits by 1e-300 overflows to inf/NaN, and the limit of
+    sampling as the temperature goes to 0 is the argmax anyway. ``seed`` makes sampling of one
     request reproducible whatever else shares its batch, across preemption and across
     engines (the generator is re-derived from the seed and the output position).
     """
@@ -124,7 +137,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:
@@ -172,6 +185,8 @@ class Request:
     # Content names of its full blocks, in order (kvcache/prefix.py), as far as computed
     # so far; the scheduler extends it. Not state: any engine recomputes it from tokens.
     block_hashes: list[bytes] = field(default_factory=list, repr=False, compare=False)
+    # Sampled on the device, id not read back yet (async scheduling): 0 or 1.
+    num_pending_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -187,7 +202,16 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def awaits_last_token(self) -> bool:
+        """Its pending token is its last (``max_tokens``): nothing more to schedule."""
+        return (
+            self.num_pending_tokens > 0
+            and len(self.output_token_ids) + self.num_pending_tokens
+            >= self.sampling_params.max_tokens
+        )
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -195,8 +219,13 @@ class Request:
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """``all_token_ids[start:end]`` without building the whole list (the decode hot
-        path asks for one token of a long sequence every iteration)."""
+        path asks for one token of a long sequence every iteration). Pending positions
+        are ``PLACEHOLDER_TOKEN``."""
         p = len(self.prompt_token_ids)
+        known = p + len(self.output_token_ids)
+        if end > known and self.num_pending_tokens:
+            pending = min(end, known + self.num_pending_tokens) - max(start, known)
+            return self.token_slice(start, known) + [PLACEHOLDER_TOKEN] * max(pending, 0)
         if start >= p:
             return self.output_token_ids[start - p : end - p]
         if end <= p:
@@ -216,7 +245,10 @@ class Request:
 
         Token-level stop rules live here (EOS, stop token ids, max_tokens, min_tokens);
         stop *strings* need the detokenizer and are checked by the output processor.
+        A pending token (async scheduling) is resolved by this call.
         """
+        if self.num_pending_tokens:
+            self.num_pending_tokens -= 1
         self.output_token_ids.append(token_id)
         params = self.sampling_params
         n = len(self.output_token_ids)

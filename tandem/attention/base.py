@@ -60,9 +60,15 @@ class AttentionBackend(abc.ABC):
     ``k_cache``/``v_cache`` (shape [num_blocks, block_size, Hkv, D]) *before* reading,
     so a sequence sees its own new tokens; it returns [T, Hq * D]. It must not touch
     slots outside ``slot_mapping`` (other requests' blocks may be mid-transfer).
+
+    A backend with ``fuses_rope`` also accepts ``rope=(positions [T], inv_freq [D/2])``:
+    q and k then arrive unrotated, and it applies neox rotary to both (q in place) before
+    the store, in the same launch as the store (the model passes it only to such a
+    backend, and only on the Triton path).
     """
 
     name: str = "abstract"
+    fuses_rope: bool = False
 
     def warm_up(  # noqa: B027 (optional hook: most backends have nothing to prepare)
         self,

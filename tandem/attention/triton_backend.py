@@ -1,7 +1,8 @@
 """The Triton attention backend: paged decode (split-K) and chunked prefill kernels.
 
 Chosen automatically on CUDA when Triton imports (``tandem.kernels.enabled``). One
-``forward`` stores the new K/V (``store_kv``), runs the decode kernel over the sequences
+``forward`` stores the new K/V (``store_kv``, or ``rotary_store_kv`` when the model hands it
+the rotary: rotation and store in one launch), runs the decode kernel over the sequences
 with one query token and the prefill kernel over the rest. It reads ``meta.device``
 (built by ``prepare_inputs`` or by a CUDA-graph batch); without it, it builds one from the
 host lists.
@@ -17,7 +18,7 @@ import triton
 from tandem.attention.base import AttentionBackend, AttentionMetadata, DeviceMeta
 from tandem.attention.triton_decode import choose_partition, paged_decode
 from tandem.attention.triton_prefill import paged_prefill
-from tandem.kernels.elementwise import store_kv
+from tandem.kernels.elementwise import rotary_store_kv, store_kv
 
 
 @functools.cache
@@ -34,7 +35,8 @@ def device_meta(meta: AttentionMetadata, device: torch.device) -> DeviceMeta:
     prefill = [s for s, n in enumerate(q_lens) if n > 1]
 
     def i32(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=device)
+        t = torch.tensor(values, dtype=torch.int32)  # no blocking copy: see device_tensor
+        return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
     return DeviceMeta(
         seq_lens=i32(meta.seq_lens),
@@ -48,6 +50,7 @@ def device_meta(meta: AttentionMetadata, device: torch.device) -> DeviceMeta:
 
 class TritonPagedBackend(AttentionBackend):
     name = "triton"
+    fuses_rope = True
 
     def warm_up(
         self,
@@ -80,11 +83,18 @@ class TritonPagedBackend(AttentionBackend):
             )
             q = torch.zeros((T, num_heads, head_dim), dtype=dtype, device=device)
             kv = torch.zeros((T, num_kv_heads, head_dim), dtype=dtype, device=device)
+            # The eager path's rotary + store (int64 positions and slots); CUDA graphs
+            # compile their int32 variant when they are captured.
+            rope = (
+                torch.zeros(T, dtype=torch.long, device=device),
+                torch.ones(head_dim // 2, dtype=torch.float32, device=device),
+            )
             for splits in (1, 3):  # ONE_SPLIT and the partial + reduce path
                 meta.device = device_meta(meta, device)
                 meta.device.decode_partition = -(-ctx[0] // splits)
                 meta.device.decode_splits = splits
-                self.forward(q, kv, kv, cache[0], cache[1], meta, 1.0)
+                fused = rope if splits == 1 else None
+                self.forward(q, kv, kv, cache[0], cache[1], meta, 1.0, rope=fused)
 
     def forward(
         self,
@@ -95,6 +105,7 @@ class TritonPagedBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         dm = meta.device
         if dm is None:
@@ -104,7 +115,10 @@ class TritonPagedBackend(AttentionBackend):
                 dm.max_seq_len, max(dm.decode_idx.shape[0], 1), k_cache.shape[2], num_sms(q.device)
             )
             dm.decode_partition, dm.decode_splits = part, triton.cdiv(max(dm.max_seq_len, 1), part)
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if rope is None:
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        else:
+            rotary_store_kv(q, k, v, k_cache, v_cache, meta.slot_mapping, rope[0], rope[1])
         out = torch.empty_like(q)
         if dm.decode_idx.shape[0]:
             paged_decode(

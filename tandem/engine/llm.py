@@ -35,8 +35,8 @@ class LLM:
     ``model=None`` is the bundled tiny model. ``options`` are those of
     ``build_engine_config`` (below): seed, block_size, kv_blocks, host_kv_blocks,
     host_kv_gib, swap_watermark, swap_int8, enable_prefix_caching, max_num_seqs,
-    max_num_batched_tokens, enable_chunked_prefill, policy,
-    preemption_mode, max_model_len, cost_model, mlfq_q0, starvation_limit.
+    max_num_batched_tokens, enable_chunked_prefill, policy, preemption_mode,
+    max_model_len, cost_model, mlfq_q0, starvation_limit, async_scheduling.
     """
 
     def __init__(
@@ -138,6 +138,7 @@ def build_engine_config(
     gpu_memory_utilization: float = 0.9,
     attention: str = "auto",
     cuda_graphs: bool = True,
+    async_scheduling: bool | None = None,
 ) -> EngineConfig:
     """The engine configuration the offline API and the workers share (model=None: bundled).
 
@@ -146,6 +147,8 @@ def build_engine_config(
     be ``random:NAME`` (``tandem.random_model``). On CUDA without ``kv_blocks``, the device
     tier takes ``gpu_memory_utilization`` of the GPU's memory less the weights and a
     working reserve (measured now, so call this in the process that will use the GPU).
+    ``async_scheduling``: None = on for CUDA, off for CPU (where nothing runs concurrently
+    with the host, so overlapping only costs a step of latency).
     """
     if model is None:
         from tandem.tinymodel import default_model_dir
@@ -195,6 +198,9 @@ def build_engine_config(
         cost_model_path=cost_model,
         attention=attention,
         cuda_graphs=cuda_graphs,
+        async_scheduling=device.startswith("cuda")
+        if async_scheduling is None
+        else async_scheduling,
     )
 
 

@@ -9,6 +9,17 @@ A request's life inside one engine:
    and the output processor detokenizes and applies stop strings.
 3. A finished or aborted request's blocks are freed in every tier before the next step.
 
+Async scheduling (``EngineConfig.async_scheduling``, on by default on CUDA): ``step``
+schedules and launches iteration N+1 while iteration N still runs on the device, then
+waits for N's sampled ids and applies them (``update_from_output``): the host's
+scheduling and output work overlaps the device's. N+1 reads N's tokens on the device
+(placeholders, ``Request.num_pending_tokens``), so every request's token sequence is
+exactly the synchronous one; a request that stops at N (EOS, stop token or string,
+abort) has computed one token more, which is dropped. Two cases resolve N first: a
+request in N with penalties (the sampler needs its output ids), and moving a request out
+(``export_request``/``detach_request``), whose state must be complete; the outputs
+resolved then come with the next ``step``.
+
 ``export_request``/``import_request`` move a running request, with its KV blocks and its
 full state, to another engine; this is the primitive that KV handoff (prefill → decode),
 offload and migration are built on.
@@ -17,6 +28,7 @@ offload and migration are built on.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,8 +39,9 @@ from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.outputs import RequestOutput
 from tandem.kvcache.manager import KVExport
 from tandem.request import Request, RequestStatus, SamplingParams, new_request
-from tandem.runner.model_runner import ModelRunner
+from tandem.runner.model_runner import LaunchedStep, ModelRunner
 from tandem.sched.cost_model import CostModel
+from tandem.sched.output import SchedulerOutput
 from tandem.sched.scheduler import Scheduler
 
 
@@ -67,6 +80,15 @@ class KVCompatibilityError(ValueError):
     pass
 
 
+@dataclass
+class _InFlight:
+    """An iteration launched on the device whose sampled ids are not applied yet."""
+
+    sched: SchedulerOutput
+    step: LaunchedStep
+    resolve_first: bool  # the next schedule() needs its output ids (penalties)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer: Any | None = None) -> None:
         self.model_config = ModelConfig.from_pretrained(config.model)
@@ -93,6 +115,10 @@ class LLMEngine:
         )
         self._ids = itertools.count()
         self.num_iterations = 0
+        self.async_scheduling = self.config.async_scheduling
+        self._in_flight: _InFlight | None = None
+        self._ready: list[RequestOutput] = []  # resolved early, returned by the next step
+        self._last_resolved = time.monotonic()
 
     def _cost_model(self) -> CostModel:
         if self.config.cost_model_path is not None:
@@ -131,18 +157,62 @@ class LLMEngine:
         return self.outputs.abort(req) if req is not None else None
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._in_flight is not None or bool(self._ready)
 
     def step(self) -> list[RequestOutput]:
+        if self.async_scheduling:
+            return self._step_async()
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
-            if self.scheduler.num_unfinished and not self.scheduler.running:
-                raise RuntimeError("scheduler made no progress with requests pending (a bug)")
+            self._check_progress()
             return []
         runner_out = self.runner.execute(sched_out)
         self.num_iterations += 1
         events = self.scheduler.update_from_output(sched_out, runner_out)
         return self.outputs.process(events)
+
+    def _check_progress(self) -> None:
+        if self.scheduler.num_unfinished and not self.scheduler.running:
+            raise RuntimeError("scheduler made no progress with requests pending (a bug)")
+
+    def _step_async(self) -> list[RequestOutput]:
+        outputs, self._ready = self._ready, []
+        if self._in_flight is not None and self._in_flight.resolve_first:
+            outputs += self._resolve()
+        sched_out = self.scheduler.schedule()  # overlaps the iteration in flight
+        if sched_out.is_empty:
+            if self._in_flight is not None:
+                outputs += self._resolve()
+            elif not outputs:
+                self._check_progress()
+            return outputs
+        step = self.runner.launch(sched_out)
+        self.scheduler.on_launched(sched_out)
+        self.num_iterations += 1
+        resolve_first = any(
+            c.sample and c.request.sampling_params.has_penalties for c in sched_out.chunks
+        )
+        previous, self._in_flight = self._in_flight, _InFlight(sched_out, step, resolve_first)
+        if previous is not None:
+            outputs += self._apply(previous)
+        return outputs
+
+    def _resolve(self) -> list[RequestOutput]:
+        """Wait for the iteration in flight and apply its sampled ids."""
+        flight, self._in_flight = self._in_flight, None
+        return self._apply(flight) if flight is not None else []
+
+    def _apply(self, flight: _InFlight) -> list[RequestOutput]:
+        runner_out = self.runner.collect(flight.step)
+        now = time.monotonic()
+        seconds, self._last_resolved = now - self._last_resolved, now
+        events = self.scheduler.update_from_output(flight.sched, runner_out, seconds)
+        return self.outputs.process(events)
+
+    def drain(self) -> None:
+        """Apply the iteration in flight now (its outputs come with the next ``step``):
+        afterwards every request's state is complete (no pending token)."""
+        self._ready += self._resolve()
 
     # ------------------------------------------------------------------ export / import
     def export_request(self, request_id: str) -> ExportedRequest:
@@ -150,6 +220,7 @@ class LLMEngine:
 
         Only between steps: the request must be RUNNING (holding device blocks).
         """
+        self.drain()
         d = self.detach_request(request_id)
         self.release_detached(d)
         return ExportedRequest(
@@ -161,7 +232,9 @@ class LLMEngine:
     # detach it with its blocks held by an export until the destination has committed.
     def gather_request_blocks(self, request_id: str, start: int, end: int) -> torch.Tensor:
         """A copy of blocks ``[start, end)`` of a running request's table:
-        [layers, 2, end - start, block_size, Hkv, D]. Only between steps."""
+        [layers, 2, end - start, block_size, Hkv, D]. Only between steps. The iteration in
+        flight (async scheduling) may still be writing its K/V: the copy is queued after
+        it on the same stream and complete when this returns (``gather_blocks``)."""
         self._running(request_id)
         table = self.scheduler.device_kv.block_table(request_id)
         if not 0 <= start <= end <= len(table):
@@ -173,6 +246,7 @@ class LLMEngine:
         copy blocks ``from_block`` onwards (those holding its first ``num_computed_tokens``
         tokens). Then ``release_detached`` (it moved) or ``restore_detached`` (it did
         not: it runs here again as before). Only between steps."""
+        self.drain()  # its pending token, if any, is part of what moves
         req = self._running(request_id)
         n = req.num_computed_tokens
         policy_state = self.scheduler.policy.describe(req)

@@ -1,5 +1,5 @@
 """Fused elementwise kernels: (residual add +) RMSNorm, neox rotary in place, SiLU-and-mul,
-and the store of new K/V into the paged cache.
+the store of new K/V into the paged cache, and rotary fused with that store.
 
 Arithmetic contracts (the torch references in ``tandem/models/layers.py`` and
 ``tandem/attention/torch_ref.py``):
@@ -13,6 +13,9 @@ Arithmetic contracts (the torch references in ``tandem/models/layers.py`` and
   dtype.
 - ``store_kv``: ``k_cache.flat[slot[t]] = k[t]`` (and v); a slot < 0 is skipped (padding
   rows of a CUDA-graph batch).
+- ``rotary_store_kv``: ``rotary_`` on q (in place) and k, then ``store_kv`` of the rotated
+  k and of v, in one launch; ``k`` itself is left as it was (attention reads K from the
+  cache). Same arithmetic as the two kernels it replaces.
 """
 
 from __future__ import annotations
@@ -170,4 +173,66 @@ def store_kv(
     _store_kv_kernel[(T,)](
         k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), n,
         N=n, BLOCK=triton.next_power_of_2(n), num_warps=4,
+    )  # fmt: skip
+
+
+@triton.jit
+def _rotary_store_kv_kernel(
+    Q, K, V, KC, VC, POS, SLOTS, INV_FREQ,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_slot,
+    HQ: tl.constexpr, HK: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(POS + t).to(tl.float32)
+    i = tl.arange(0, HALF_PAD)
+    imask = (i < HALF)[None, :]
+    f = pos * tl.load(INV_FREQ + i, mask=i < HALF, other=0.0)
+    cos = tl.cos(f)[None, :]
+    sin = tl.sin(f)[None, :]
+    hq = tl.arange(0, HQ_PAD)[:, None]
+    qp = Q + t * stride_qt + hq * stride_qh + i[None, :]
+    qm = (hq < HQ) & imask
+    q1 = tl.load(qp, mask=qm, other=0.0)
+    q2 = tl.load(qp + HALF, mask=qm, other=0.0)
+    a, b = q1.to(tl.float32), q2.to(tl.float32)
+    tl.store(qp, (a * cos - b * sin).to(q1.dtype), mask=qm)
+    tl.store(qp + HALF, (b * cos + a * sin).to(q1.dtype), mask=qm)
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    if slot >= 0:
+        hk = tl.arange(0, HK_PAD)[:, None]
+        km = (hk < HK) & imask
+        kp = K + t * stride_kt + hk * stride_kh + i[None, :]
+        k1 = tl.load(kp, mask=km, other=0.0)
+        k2 = tl.load(kp + HALF, mask=km, other=0.0)
+        ka, kb = k1.to(tl.float32), k2.to(tl.float32)
+        # The cache row of one slot is [Hkv, D] contiguous (head stride = 2 * HALF).
+        cp = KC + slot * stride_slot + hk * (2 * HALF) + i[None, :]
+        tl.store(cp, (ka * cos - kb * sin).to(k1.dtype), mask=km)
+        tl.store(cp + HALF, (kb * cos + ka * sin).to(k1.dtype), mask=km)
+        vp = V + t * stride_vt + hk * stride_vh + i[None, :]
+        vc = VC + slot * stride_slot + hk * (2 * HALF) + i[None, :]
+        tl.store(vc, tl.load(vp, mask=km), mask=km)
+        tl.store(vc + HALF, tl.load(vp + HALF, mask=km), mask=km)
+
+
+def rotary_store_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+) -> None:  # fmt: skip
+    """q: [T, Hq, D] rotated in place; rotated k and v: [T, Hkv, D] stored at
+    ``slot_mapping`` (< 0: skipped) in caches [num_blocks, block_size, Hkv, D] (contiguous);
+    positions [T]; inv_freq [D/2] float32. Last dims contiguous."""
+    T, HQ, D = q.shape
+    HK = k.shape[1]
+    if T == 0:
+        return
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and D % 2 == 0
+    _rotary_store_kv_kernel[(T,)](
+        q, k, v, k_cache, v_cache, positions, slot_mapping, inv_freq,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        HK * D,
+        HQ=HQ, HK=HK, HQ_PAD=triton.next_power_of_2(HQ), HK_PAD=triton.next_power_of_2(HK),
+        HALF=D // 2, HALF_PAD=triton.next_power_of_2(D // 2), num_warps=4,
     )  # fmt: skip

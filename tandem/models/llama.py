@@ -42,7 +42,7 @@ class Attention(nn.Module):
     def forward(
         self,
         h: torch.Tensor,  # [T, hidden]
-        rotate: Rotate,
+        rotate: Rotate | tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
@@ -56,8 +56,11 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q, k = rotate(q, k)
-        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        if isinstance(rotate, tuple):  # (positions, inv_freq): the backend rotates (fused)
+            out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, rope=rotate)
+        else:
+            q, k = rotate(q, k)
+            out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out)
 
 
@@ -121,14 +124,20 @@ class LlamaForCausalLM(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
-        rotate = self._rotate(positions, h)
+        rotate = self._rotate(positions, h, backend)
         residual = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             h, residual = layer(h, residual, rotate, kv, meta, backend)
         h, _ = self.norm(h, residual)
         return h  # [T, hidden]
 
-    def _rotate(self, positions: torch.Tensor, h: torch.Tensor) -> Rotate:
+    def _rotate(
+        self, positions: torch.Tensor, h: torch.Tensor, backend: AttentionBackend
+    ) -> Rotate | tuple[torch.Tensor, torch.Tensor]:
+        """How each layer rotates q and k: a function, or — for a backend that fuses the
+        rotary into its K/V store, on the Triton path — ``(positions, inv_freq)`` for it."""
+        if kernels.enabled(h) and backend.fuses_rope:
+            return positions, self.rotary.inv_freq
         if kernels.enabled(h):
             from tandem.kernels.elementwise import rotary_
 

@@ -1,11 +1,17 @@
 """CUDA graphs for decode batches: one captured forward pass per batch-size bucket.
 
 A decode-only iteration of B sequences (every chunk is one token) replays the graph of the
-smallest bucket >= B. The graph reads static buffers — input ids, positions, slots, block
-tables, sequence lengths — that ``run`` fills with one host-to-device copy each; rows past
-B are padding (slot -1: no K/V store; sequence length 0: attention writes zeros). The
-graph ends with the LM head, so ``run`` returns the logits of the first B rows and the only
-host synchronisation left per token is reading the sampled ids.
+smallest bucket >= B. Its per-row int32 inputs are rows of one staging buffer ``stage``
+[6, max_batch] on the device (``StageRows``: ids, positions, slots, sequence lengths, the
+id source, the sampled ids), filled by one host-to-device copy of the first five rows; the
+block tables are a second copy. Rows past B are padding (slot -1: no K/V store; sequence
+length 0: attention writes zeros).
+
+Inside the graph: the input ids are gathered from ``stage`` by the SRC row — a row's own
+staged id, or the id the previous step sampled into the SAMPLED row (async scheduling: a
+token whose id the host has not read yet) — then the forward pass, the LM head, and the
+argmax of every row into the SAMPLED row. ``run`` returns the LM head's logits (model
+dtype) for the rows that need real sampling; a greedy batch needs nothing else.
 
 Invariants:
 - Captured once, after the KV tensors exist, with the Triton attention backend; a batch
@@ -23,6 +29,7 @@ import torch
 from tandem.attention import AttentionBackend, AttentionMetadata, DeviceMeta
 from tandem.attention.triton_backend import num_sms
 from tandem.attention.triton_decode import choose_partition
+from tandem.runner.stage import StageRows
 from tandem.sched.output import SchedulerOutput
 
 
@@ -42,6 +49,7 @@ class DecodeGraphs:
         max_model_len: int,
         block_size: int,
         sliding_window: int | None,
+        stage: torch.Tensor,  # [StageRows.COUNT, >= max_batch] int32 on the device
     ) -> None:
         self.model, self.kv_layers, self.backend = model, kv_layers, backend
         self.block_size = block_size
@@ -53,19 +61,22 @@ class DecodeGraphs:
         n = max_batch
         i64 = dict(dtype=torch.long, device=device)
         i32 = dict(dtype=torch.int32, device=device)
-        self.input_ids = torch.zeros(n, **i64)
-        self.positions = torch.zeros(n, **i64)
-        self.slots = torch.full((n,), -1, **i64)
+        assert stage.dtype == torch.int32 and stage.shape[0] == StageRows.COUNT
+        self.stage = stage
+        self.width = stage.shape[1]
         self.tables = torch.zeros((n, self.max_blocks_per_seq), **i64)
-        self.seq_lens = torch.zeros(n, **i32)
         self.query_start = torch.arange(n + 1, **i32)
         self.seq_idx = torch.arange(n, **i32)
         self.no_prefill = torch.zeros(0, **i32)
-        self._host = torch.zeros((4, n), dtype=torch.long).pin_memory()
+        self._host = torch.zeros((StageRows.STAGED, self.width), dtype=torch.int32).pin_memory()
+        self._host_np = self._host.numpy()
         self._host_tables = torch.zeros((n, self.max_blocks_per_seq), dtype=torch.long).pin_memory()
         self._host_tables_np = self._host_tables.numpy()
         self._row_keys: list[int | None] = [None] * n
-        self._dev = torch.zeros((4, n), **i64)
+        # Recorded after each step's host-to-device copies: the pinned buffers above are
+        # rewritten only once it has fired (with async scheduling the previous step's
+        # copies may still be queued behind the step before it).
+        self._copied: torch.cuda.Event | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.buckets = batch_buckets(max_batch)
@@ -78,11 +89,11 @@ class DecodeGraphs:
             query_start_loc=list(range(b + 1)),
             seq_lens=[0] * b,
             block_tables=self.tables[:b],
-            slot_mapping=self.slots[:b],
+            slot_mapping=self.stage[StageRows.SLOT, :b],
             block_size=self.block_size,
             sliding_window=self.sliding_window,
             device=DeviceMeta(
-                seq_lens=self.seq_lens[:b],
+                seq_lens=self.stage[StageRows.LEN, :b],
                 query_start=self.query_start[: b + 1],
                 decode_idx=self.seq_idx[:b],
                 prefill_idx=self.no_prefill,
@@ -94,10 +105,15 @@ class DecodeGraphs:
         )
 
     def _forward(self, b: int) -> torch.Tensor:
+        stage = self.stage
+        ids = stage.view(-1).index_select(0, stage[StageRows.SRC, :b])  # [b] int32
         hidden = self.model(
-            self.input_ids[:b], self.positions[:b], self.kv_layers, self._meta(b), self.backend
+            ids, stage[StageRows.POS, :b], self.kv_layers, self._meta(b), self.backend
         )
-        return self.model.compute_logits(hidden)
+        logits = self.model.lm_head(hidden)  # [b, vocab], model dtype
+        # argmax of the model-dtype logits = argmax of their exact float32 upcast
+        stage[StageRows.SAMPLED, :b].copy_(logits.argmax(dim=-1))
+        return logits
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -105,6 +121,8 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
+            self._stage_padding(self.buckets[-1], 0)  # valid inputs for the warm-up passes
+            self.stage[: StageRows.STAGED].copy_(self._host)
             for b in reversed(self.buckets):
                 self._forward(b)  # warm-up: Triton compiles, the allocator settles
                 graph = torch.cuda.CUDAGraph()
@@ -126,22 +144,41 @@ class DecodeGraphs:
             and all(len(c.block_table) <= self.max_blocks_per_seq for c in chunks)
         )
 
-    def run(self, sched: SchedulerOutput) -> torch.Tensor:
-        """Logits [B, vocab] float32 of the decode batch (one row per chunk, in order)."""
+    def _stage_padding(self, end: int, start: int) -> None:
+        """Host rows ``start:end`` as padding: id 0 (its own), slot -1, length 0."""
+        h = self._host_np
+        h[StageRows.IDS, start:end] = 0
+        h[StageRows.POS, start:end] = 0
+        h[StageRows.SLOT, start:end] = -1
+        h[StageRows.LEN, start:end] = 0
+        h[StageRows.SRC, start:end] = range(StageRows.IDS * self.width + start,
+                                            StageRows.IDS * self.width + end)  # fmt: skip
+
+    def run(self, sched: SchedulerOutput, src: list[int | None]) -> torch.Tensor:
+        """Replay the decode batch (one row per chunk, in order). ``src[i]``: the SAMPLED
+        row holding chunk i's input id (a pending token), or None (its id is staged).
+        Returns the logits [B, vocab] (model dtype); the argmax of every row is in the
+        SAMPLED row of ``stage`` when the replay has run."""
         chunks = sched.chunks
         b = len(chunks)
         bucket = self.bucket_for(b)
         bs = self.block_size
-        pad = bucket - b
-        ids = [c.token_ids[0] for c in chunks] + [0] * pad
+        w = self.width
+        ids = [c.token_ids[0] for c in chunks]
         pos = [c.start_pos for c in chunks]
         slots = [c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, pos, strict=True)]
-        lens = [p + 1 for p in pos]
-        # The pinned staging buffers are free again: the previous step's sampled ids were
-        # read (a synchronisation) before this step was scheduled.
-        self._host[:, :bucket] = torch.tensor(
-            [ids, pos + [0] * pad, slots + [-1] * pad, lens + [0] * pad], dtype=torch.long
-        )
+        own = StageRows.IDS * w
+        picked = StageRows.SAMPLED * w
+        srcs = [own + i if s is None else picked + s for i, s in enumerate(src)]
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copies have read the pinned buffers
+        h = self._host_np
+        h[StageRows.IDS, :b] = [max(t, 0) for t in ids]
+        h[StageRows.POS, :b] = pos
+        h[StageRows.SLOT, :b] = slots
+        h[StageRows.LEN, :b] = [p + 1 for p in pos]
+        h[StageRows.SRC, :b] = srcs
+        self._stage_padding(bucket, b)
         # A row is rewritten only when its table's stamp differs from the one it holds (a
         # new request in the row, a new block every block_size tokens, a swap or an import):
         # a 256 x 4k-token batch has 65k ids. Entries past a row's length are stale and
@@ -151,12 +188,10 @@ class DecodeGraphs:
             if c.table_stamp is None or self._row_keys[i] != c.table_stamp:
                 tables[i, : len(c.block_table)] = c.block_table
                 self._row_keys[i] = c.table_stamp
-        dev = self._dev
-        dev[:, :bucket].copy_(self._host[:, :bucket], non_blocking=True)
-        self.input_ids[:bucket].copy_(dev[0, :bucket])
-        self.positions[:bucket].copy_(dev[1, :bucket])
-        self.slots[:bucket].copy_(dev[2, :bucket])
-        self.seq_lens[:bucket].copy_(dev[3, :bucket])
+        self.stage[: StageRows.STAGED].copy_(self._host, non_blocking=True)
         self.tables[:b].copy_(self._host_tables[:b], non_blocking=True)
+        if self._copied is None:
+            self._copied = torch.cuda.Event()
+        self._copied.record()
         self.graphs[bucket].replay()
         return self.logits[bucket][:b]

@@ -17,6 +17,17 @@ class ModelInputs:
     meta: AttentionMetadata
     sample_rows: list[int]  # index into T of the last token of each sampling chunk
     sample_chunks: list[int]  # index into SchedulerOutput.chunks, aligned with sample_rows
+    # (index into T, index into chunks) of each PLACEHOLDER_TOKEN: its id is on the device
+    placeholders: list[tuple[int, int]]
+
+
+def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values, device=device)`` without waiting for the device: a blocking
+    host-to-device copy (what ``torch.tensor(..., device=cuda)`` does) first drains the
+    stream, which would wait for the iteration in flight (async scheduling). From pageable
+    memory the driver stages the bytes before returning, so the list may go at once."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
 def prepare_inputs(
@@ -29,11 +40,14 @@ def prepare_inputs(
     seq_lens: list[int] = []
     sample_rows: list[int] = []
     sample_chunks: list[int] = []
+    placeholders: list[tuple[int, int]] = []
     max_blocks = max(len(c.block_table) for c in sched.chunks)
     tables = torch.zeros((len(sched.chunks), max_blocks), dtype=torch.long)
     for i, chunk in enumerate(sched.chunks):
         n = chunk.num_tokens
         start = chunk.start_pos
+        if chunk.token_ids[-1] < 0:  # a pending token is always a chunk's last
+            placeholders += [(len(ids) + j, i) for j, t in enumerate(chunk.token_ids) if t < 0]
         ids.extend(chunk.token_ids)
         positions.extend(range(start, start + n))
         table = chunk.block_table
@@ -49,15 +63,16 @@ def prepare_inputs(
     meta = AttentionMetadata(
         query_start_loc=query_start,
         seq_lens=seq_lens,
-        block_tables=tables.to(device),
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        block_tables=tables if device.type == "cpu" else tables.to(device, non_blocking=True),
+        slot_mapping=device_tensor(slots, torch.long, device),
         block_size=block_size,
         sliding_window=sliding_window,
     )
     return ModelInputs(
-        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        input_ids=device_tensor(ids, torch.long, device),
+        positions=device_tensor(positions, torch.long, device),
         meta=meta,
         sample_rows=sample_rows,
         sample_chunks=sample_chunks,
+        placeholders=placeholders,
     )

@@ -11,7 +11,7 @@ in order, follows vLLM v1 and the OpenAI API:
 2. **min_tokens**: while ``len(output_token_ids) < min_tokens`` the row's
    ``stop_token_ids`` and, unless ``ignore_eos``, its ``eos_token_ids`` get logit ``-inf``
    (with ``ignore_eos`` EOS does not stop the request, so there is nothing to hold back).
-3. **Greedy** (``temperature == 0``): argmax of the logits after steps 1-2.
+3. **Greedy** (``params.greedy``: temperature below 1e-5): argmax of the logits after steps 1-2.
    Fast path: when no row is sampled, penalised or held by min_tokens, the whole batch is
    one ``argmax`` with no per-row tensor work (the hot decode path).
 4. **Random** rows: divide by ``temperature``; **top-k** keeps tokens whose logit is at
@@ -33,6 +33,12 @@ in order, follows vLLM v1 and the OpenAI API:
 
 Each ``apply_*`` helper takes logits the caller owns ``[n, V]`` (float32), may write
 into them, and returns the processed tensor; tests call them directly.
+
+``Sampler.sample`` and ``logprob_tensors`` never synchronise with the device (async
+scheduling reads their results one step later); ``__call__`` does both and reads them.
+With async scheduling a row may have one output token still on the device
+(``SamplingRow.num_pending``): it counts for min_tokens and seeds, whose rules need only
+the count; penalties need the ids, so a row with penalties never has one.
 """
 
 from __future__ import annotations
@@ -56,8 +62,13 @@ class SamplingRow:
 
     params: SamplingParams
     prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]  # generated before this step
+    output_token_ids: Sequence[int]  # generated before this step, ids known
     eos_token_ids: tuple[int, ...]
+    num_pending: int = 0  # generated before this step, ids still on the device
+
+    @property
+    def num_output(self) -> int:
+        return len(self.output_token_ids) + self.num_pending
 
 
 @dataclass
@@ -77,24 +88,34 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         # logits: [N, V], one row per SamplingRow.
-        if logits.dim() != 2 or logits.shape[0] != len(rows):
-            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         if not rows:
+            self._check(logits, rows)
             return SamplerOutput(token_ids=[], logprobs=[])
-        if all(_is_plain_greedy(row) for row in rows):
-            tokens = logits.argmax(dim=-1)  # [N]
-        else:
-            tokens = self._sample(logits, rows)
+        tokens = self.sample(logits, rows)
         return SamplerOutput(
             token_ids=tokens.tolist(), logprobs=compute_logprobs(logits, rows, tokens)
         )
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """The tokens [N] int64 on the logits' device, without a synchronisation."""
+        self._check(logits, rows)
+        if all(is_plain_greedy(row) for row in rows):
+            return logits.argmax(dim=-1)  # [N]
+        return self._sample(logits, rows)
+
+    @staticmethod
+    def _check(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         # A private float32 copy: everything below may write into it.
         work = logits.to(torch.float32, copy=True)  # [N, V]
         penalised = [i for i, row in enumerate(rows) if row.params.has_penalties]
+        if any(rows[i].num_pending for i in penalised):
+            raise ValueError("penalties need every output id: resolve pending tokens first")
         if penalised:
-            index = torch.tensor(penalised, device=work.device)
+            index = _on(penalised, work.device)
             work[index] = apply_penalties(work[index], [rows[i] for i in penalised])
         work = apply_min_tokens(work, rows)
 
@@ -103,7 +124,7 @@ class Sampler:
             return self._draw(work, rows)
         tokens = work.argmax(dim=-1)  # [N]; greedy rows keep these
         if random_rows:
-            index = torch.tensor(random_rows, device=work.device)
+            index = _on(random_rows, work.device)
             drawn = self._draw(work[index], [rows[i] for i in random_rows])
             tokens[index] = drawn
         return tokens
@@ -123,15 +144,13 @@ class Sampler:
         seeded = [i for i, row in enumerate(rows) if row.params.seed is not None]
         if not seeded:
             return self._race(probs)
-        uniforms = [
-            seeded_uniform(rows[i].params.seed, len(rows[i].output_token_ids)) for i in seeded
-        ]
+        uniforms = [seeded_uniform(rows[i].params.seed, rows[i].num_output) for i in seeded]
         if len(seeded) == len(rows):
             return sample_inverse_cdf(probs, uniforms)
         tokens = torch.empty(len(rows), dtype=torch.long, device=device)
         unseeded = [i for i, row in enumerate(rows) if row.params.seed is None]
-        seeded_index = torch.tensor(seeded, device=device)
-        unseeded_index = torch.tensor(unseeded, device=device)
+        seeded_index = _on(seeded, device)
+        unseeded_index = _on(unseeded, device)
         tokens[seeded_index] = sample_inverse_cdf(probs[seeded_index], uniforms)
         tokens[unseeded_index] = self._race(probs[unseeded_index])
         return tokens
@@ -157,13 +176,10 @@ class Sampler:
         return generator
 
 
-def _is_plain_greedy(row: SamplingRow) -> bool:
+def is_plain_greedy(row: SamplingRow) -> bool:
+    """Its token is the plain argmax of its logits (no penalty, no min_tokens mask)."""
     params = row.params
-    return (
-        params.greedy
-        and not params.has_penalties
-        and len(row.output_token_ids) >= params.min_tokens
-    )
+    return params.greedy and not params.has_penalties and row.num_output >= params.min_tokens
 
 
 def _column(values: list[float], device: torch.device) -> float | torch.Tensor:
@@ -171,7 +187,14 @@ def _column(values: list[float], device: torch.device) -> float | torch.Tensor:
     first = values[0]
     if all(v == first for v in values):
         return first
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+    return _on(values, device, torch.float32).unsqueeze(1)
+
+
+def _on(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor of ``values`` on ``device`` without a blocking copy (which would first wait
+    for every iteration queued on the device: ``tandem.runner.inputs.device_tensor``)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
 def _splitmix64(x: int) -> int:
@@ -194,7 +217,7 @@ def sample_inverse_cdf(probs: torch.Tensor, uniforms: Sequence[float]) -> torch.
     keeps the cumulative sum exact enough over large vocabularies.
     """
     cdf = probs.to(torch.float64).cumsum(dim=-1)  # [n, V]
-    u = torch.tensor(uniforms, dtype=torch.float64, device=probs.device)
+    u = _on(uniforms, probs.device, torch.float64)
     target = (u * cdf[:, -1]).unsqueeze(1)  # [n, 1]
     # right=True: cdf[i - 1] <= target < cdf[i], so the token has mass, except that
     # u * total may round up to total (index V): fall back to the last token with mass.
@@ -212,7 +235,7 @@ def _bin_counts(token_lists: list[Sequence[int]], vocab: int, device: torch.devi
         # Pad with the id ``vocab``: it lands in the extra column, dropped below, as do
         # ids the logits have no column for.
         padded = [list(tokens) + [vocab] * (width - len(tokens)) for tokens in token_lists]
-        index = torch.tensor(padded, dtype=torch.long).clamp_(max=vocab).to(device)
+        index = _on(padded, device, torch.long).clamp_(max=vocab)
         counts.scatter_add_(1, index, torch.ones(index.shape, device=device))
     return counts[:, :vocab]
 
@@ -226,7 +249,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     in_prompt = _bin_counts([row.prompt_token_ids for row in rows], vocab, device) > 0
 
     def per_row(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device).view(n, 1)
+        return _on(values, device, torch.float32).view(n, 1)
 
     repetition = per_row([row.params.repetition_penalty for row in rows])
     scale = torch.where(in_prompt | in_output, repetition, 1.0)  # [n, V]
@@ -243,7 +266,7 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
     token_index: list[int] = []
     for i, row in enumerate(rows):
         params = row.params
-        if len(row.output_token_ids) >= params.min_tokens:
+        if row.num_output >= params.min_tokens:
             continue
         banned = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -253,7 +276,7 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
                 row_index.append(i)
                 token_index.append(token)
     if row_index:
-        index = torch.tensor([row_index, token_index], device=logits.device)
+        index = _on([row_index, token_index], logits.device)
         logits[index[0], index[1]] = float("-inf")
     return logits
 
@@ -266,9 +289,9 @@ def apply_top_k(logits: torch.Tensor, top_ks: Sequence[int | None]) -> torch.Ten
     if all(k == top_ks[0] for k in top_ks):
         return logits.masked_fill(logits < top[:, -1:], float("-inf"))
     device = logits.device
-    k_index = torch.tensor([min(k or k_max, k_max) - 1 for k in top_ks], device=device)
+    k_index = _on([min(k or k_max, k_max) - 1 for k in top_ks], device)
     kth = top.gather(1, k_index.unsqueeze(1))  # [n, 1]
-    active = torch.tensor([k is not None for k in top_ks], device=device).unsqueeze(1)
+    active = _on([k is not None for k in top_ks], device).unsqueeze(1)
     return logits.masked_fill((logits < kth) & active, float("-inf"))
 
 
@@ -291,24 +314,63 @@ def apply_min_p(logits: torch.Tensor, min_p: float | torch.Tensor) -> torch.Tens
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
+@dataclass
+class LogprobTensors:
+    """``logprob_tensors``' result: still on the device (or being copied off it)."""
+
+    wanted: list[int]  # rows that asked for logprobs
+    counts: list[int]  # top-n per wanted row
+    sampled: torch.Tensor  # [w] float32
+    top_values: torch.Tensor | None  # [w, n_max] float32
+    top_ids: torch.Tensor | None  # [w, n_max] int64
+
+    def to_host(self, non_blocking: bool) -> LogprobTensors:
+        """Copies in pinned memory (CUDA): complete once the stream reaches this point."""
+
+        def off(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or not t.is_cuda:
+                return t
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t, non_blocking=non_blocking)
+
+        return LogprobTensors(
+            self.wanted, self.counts, off(self.sampled), off(self.top_values), off(self.top_ids)
+        )
+
+    def lists(self, num_rows: int) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        result: list[tuple[float, list[tuple[int, float]]] | None] = [None] * num_rows
+        sampled = self.sampled.tolist()
+        top_values: list[list[float]] = [[] for _ in self.wanted]
+        top_ids: list[list[int]] = [[] for _ in self.wanted]
+        if self.top_values is not None and self.top_ids is not None:
+            top_values, top_ids = self.top_values.tolist(), self.top_ids.tolist()
+        for j, (i, n) in enumerate(zip(self.wanted, self.counts, strict=True)):
+            result[i] = (sampled[j], list(zip(top_ids[j][:n], top_values[j][:n], strict=True)))
+        return result
+
+
+def logprob_tensors(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], tokens: torch.Tensor
+) -> LogprobTensors | None:
+    """Raw logprobs (before any processing) of the sampled tokens and the top-n, on the
+    device; None when no row asks for them."""
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    if not wanted:
+        return None
+    index = _on(wanted, logits.device)
+    logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # [w, V]
+    sampled = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1)
+    counts = [rows[i].params.logprobs or 0 for i in wanted]
+    top_values = top_ids = None
+    if max(counts):
+        top = logprobs.topk(min(max(counts), logprobs.shape[1]), dim=-1)  # sorted descending
+        top_values, top_ids = top.values, top.indices
+    return LogprobTensors(wanted, counts, sampled, top_values, top_ids)
+
+
 def compute_logprobs(
     logits: torch.Tensor, rows: Sequence[SamplingRow], tokens: torch.Tensor
 ) -> list[tuple[float, list[tuple[int, float]]] | None]:
     """Raw logprobs (before any processing) of the sampled tokens and the top-n."""
-    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
-    result: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(rows)
-    if not wanted:
-        return result
-    index = torch.tensor(wanted, device=logits.device)
-    logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # [w, V]
-    sampled = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
-    n_max = max(rows[i].params.logprobs or 0 for i in wanted)
-    top_values: list[list[float]] = [[] for _ in wanted]
-    top_ids: list[list[int]] = [[] for _ in wanted]
-    if n_max:
-        top = logprobs.topk(min(n_max, logprobs.shape[1]), dim=-1)  # sorted descending
-        top_values, top_ids = top.values.tolist(), top.indices.tolist()
-    for j, i in enumerate(wanted):
-        n = rows[i].params.logprobs or 0
-        result[i] = (sampled[j], list(zip(top_ids[j][:n], top_values[j][:n], strict=True)))
-    return result
+    lp = logprob_tensors(logits, rows, tokens)
+    return [None] * len(rows) if lp is None else lp.lists(len(rows))

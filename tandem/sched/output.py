@@ -70,6 +70,7 @@ class SchedulerOutput:
     cache_out: list[BlockCopy] = field(default_factory=list)  # evicted cached blocks -> host
     cache_in: list[BlockCopy] = field(default_factory=list)  # host cache hits -> device
     preempted: list[str] = field(default_factory=list)
+    launched: bool = False  # Scheduler.on_launched has advanced its requests
 
     @property
     def num_batched_tokens(self) -> int:

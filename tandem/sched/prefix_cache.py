@@ -166,7 +166,9 @@ class PrefixCache:
         """Name the request's newly computed full device blocks."""
         if not self.enabled or req.request_id in self._uncacheable:
             return
-        n = req.num_computed_tokens
+        # With async scheduling K/V may be computed for a sampled token whose id is not
+        # read back yet: only blocks of known tokens are named.
+        n = min(req.num_computed_tokens, req.num_tokens)
         names = req.block_hashes
         if n // self.block_size > len(names):
             self.names(req, n)

@@ -24,6 +24,13 @@ Each call to ``schedule()`` builds one stall-free batch (Sarathi-Serve):
 ``update_from_output()`` closes the loop: it advances ``num_computed_tokens`` by each
 chunk, appends sampled tokens and applies token-level stop rules.
 
+Async scheduling splits that in two: ``on_launched()`` right after the runner has queued
+the iteration (progress advances and each sampling chunk leaves a pending token, so the
+next ``schedule()`` can run while the device computes), then ``update_from_output()`` one
+step later with the sampled ids. Between the two a request may be preempted, swapped or
+finished (stop string, abort); its pending token is still appended unless it finished.
+A request whose pending token is its last is not scheduled again.
+
 Invariants (checked by the property tests): no request is lost (every request is in
 exactly one of waiting / running / swapped until it finishes), no block leaks (a finished
 or aborted request owns no block in either tier), the budget and batch size are never
@@ -216,7 +223,9 @@ class Scheduler:
         self._scheduled_at = now
         self.iteration += 1
         budget = self.config.max_num_batched_tokens
-        live = [*self.running, *self.swapped, *self.waiting]
+        # A request awaiting its last token (async scheduling) has nothing left to run.
+        running = [r for r in self.running if not r.awaits_last_token]
+        live = [*running, *self.swapped, *self.waiting]
         self.policy.before_schedule(live, now)
         order = sorted(live, key=lambda r: self._order_key(r, now))
         rank = {r.request_id: i for i, r in enumerate(order)}
@@ -502,23 +511,40 @@ class Scheduler:
         self.running.append(req)
 
     # ------------------------------------------------------------------ feedback
+    def on_launched(self, sched_out: SchedulerOutput) -> None:
+        """The runner has queued this iteration (async scheduling): its K/V will be in the
+        blocks before any later iteration runs, so progress advances now, and each
+        sampling chunk leaves a pending token for ``update_from_output`` to resolve."""
+        assert not sched_out.launched, "on_launched twice for one iteration"
+        sched_out.launched = True
+        for chunk in sched_out.chunks:
+            req = chunk.request
+            if req.is_finished:
+                continue
+            req.num_computed_tokens += chunk.num_tokens
+            if chunk.sample:
+                req.num_pending_tokens += 1
+
     def update_from_output(
         self, sched_out: SchedulerOutput, runner_out: RunnerOutput, seconds: float | None = None
     ) -> list[TokenEvent]:
         """Apply one iteration's results. ``seconds``: how long it took (default: the
-        clock since ``schedule()``); each request in it is charged that much service."""
+        clock since ``schedule()``); each request in it is charged that much service.
+        Without a prior ``on_launched`` (synchronous stepping) it advances progress too."""
         now = self.clock()
         if seconds is None:
             seconds = max(now - self._scheduled_at, 0.0)
+        if not sched_out.launched:
+            self.on_launched(sched_out)
         self.swap.add_io(runner_out.swap)
         self.prefix.release_holds()  # the iteration's copies have run
         events: list[TokenEvent] = []
         for chunk in sched_out.chunks:
             req = chunk.request
-            if req.is_finished or req.status is not RequestStatus.RUNNING:
-                continue  # aborted while the iteration ran
-            req.num_computed_tokens += chunk.num_tokens
-            self.prefix.computed(req)
+            if req.is_finished:
+                continue  # aborted or stopped while the iteration ran
+            if req.status is RequestStatus.RUNNING:
+                self.prefix.computed(req)  # name the full blocks whose K/V are computed
             self.policy.on_service(req, chunk.num_tokens, seconds, now)
             if not chunk.sample:
                 continue
@@ -546,6 +572,7 @@ class Scheduler:
         self.offload.forget(request_id)
         self.prefix.forget(request_id)
         req.status = status
+        req.num_pending_tokens = 0  # a token still on the device is dropped (async)
         self.policy.on_finish(req)
         return req
 

@@ -27,9 +27,15 @@ def spawn_cli(args: Sequence[str], **kwargs) -> subprocess.Popen:
 
 
 def health(url: str) -> dict:
+    """The router's /health body (also when it answers 503: it says what is missing)."""
     try:
         with urllib.request.urlopen(url + "/health", timeout=1) as r:
             return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            return json.loads(e.read())
+        except ValueError:
+            return {}
     except (urllib.error.URLError, ConnectionError, OSError, ValueError):
         return {}
 

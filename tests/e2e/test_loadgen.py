@@ -2,7 +2,8 @@
 
 Every request loadgen reports (completed, errors, prompt and output tokens) must match what
 the router's /metrics says it served over the same run, including requests the server
-refused; plots and the per-request CSV are written; sweeps and comparisons work.
+refused; plots and the per-request CSV are written; sweeps and comparisons (of runs, sweeps
+and a mix of both) work.
 """
 
 from __future__ import annotations
@@ -134,6 +135,14 @@ def test_rate_sweep_writes_one_run_per_rate(server, tiny_llama_dir, tmp_path):
     assert all(p["completed"] == 6 and p["errors"] == 0 for p in sweep["points"])
     assert (out / "rate-5" / "results.json").is_file() and (out / "rate-inf" / "cdf.png").is_file()
     assert (out / "sweep.png").stat().st_size > 10_000
+    assert not any("goodput" in p for p in sweep["points"])  # no --slo: no goodput
+    single = tmp_path / "single"
+    _loadgen("--url", server, "--workload", "alpaca-like", "--max-output-len", "16",
+             "--num-requests", "6", "--request-rate", "5", "--tokenizer", str(tiny_llama_dir),
+             "--slo", "ttft:60000", "--out", str(single))  # fmt: skip
+    proc = _loadgen("compare", str(out), str(single), "--out", str(tmp_path / "cmp"))
+    assert "--- 5 req/s ---" in proc.stdout and "--- inf req/s ---" in proc.stdout
+    assert (tmp_path / "cmp" / "sweep.png").stat().st_size > 10_000
 
 
 def test_bad_flags_and_unreachable_server_fail_clearly(server, tiny_llama_dir, tmp_path):

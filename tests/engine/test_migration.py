@@ -2,10 +2,14 @@
 half of what the decode workers do: copy full blocks while the request keeps decoding,
 then detach it, send the rest, commit on the destination. The continuation must equal an
 uninterrupted run; an aborted final stage puts it back on the source, which continues
-identically; and no block leaks on either side.
+identically; and no block leaks on either side. Also with async scheduling on both
+engines: stages are copied while an iteration is in flight, and the final detach first
+applies it (the pending token moves with the request).
 """
 
 from __future__ import annotations
+
+import pytest
 
 from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
 from tandem.engine.llm_engine import LLMEngine
@@ -20,13 +24,14 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 SEEDED = SamplingParams(temperature=0.9, top_p=0.9, seed=77, max_tokens=40, ignore_eos=True)
 
 
-def _engine(model_dir, cost_model):
+def _engine(model_dir, cost_model, overlap=False):
     return LLMEngine(
         EngineConfig(
             model=str(model_dir),
             cache=CacheConfig(block_size=BS, num_blocks=256),
             scheduler=SchedulerConfig(policy="mlfq", max_num_batched_tokens=128),
             cost_model_path=str(cost_model),  # a fixed one: no profiling at start-up
+            async_scheduling=overlap,
         )
     )
 
@@ -74,13 +79,14 @@ def _migrate(src, dst, rid, inbox, fail_final=False):
         return request
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
 def test_staged_migration_continues_exactly_and_an_aborted_one_stays_on_the_source(
-    tiny_model_dirs, tmp_path
+    tiny_model_dirs, tmp_path, overlap
 ):
     model_dir, cost = tiny_model_dirs["llama"], tmp_path / "cost.json"
     CostModel().save(cost)
     want = _baseline(model_dir, cost)
-    src, dst = _engine(model_dir, cost), _engine(model_dir, cost)
+    src, dst = _engine(model_dir, cost, overlap), _engine(model_dir, cost, overlap)
     inbox = MigrationInbox(dst.scheduler.device_kv, lease_s=30.0)
     params = (GREEDY, SEEDED, GREEDY)
     reqs = [src.add_request(p, sp) for p, sp in zip(PROMPTS, params, strict=True)]

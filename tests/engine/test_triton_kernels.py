@@ -193,3 +193,31 @@ def test_silu_and_mul():
 def test_warm_up_runs_every_variant_without_touching_the_cache(head_dim, window):
     """The start-up compile pass: every path runs (slots -1 store nothing)."""
     TritonPagedBackend().warm_up(8, 2, head_dim, 16, torch.float32, torch.device(DEVICE), window)
+
+
+def test_rotary_store_kv_matches_rotary_then_store():
+    """The fused kernel: q rotated in place, rotated k and v stored at their slots (slot -1
+    stores nothing), k itself untouched; equal to ``rotary_`` followed by ``store_kv``."""
+    gen = torch.Generator().manual_seed(5)
+    rope = RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0)
+    d, hq, hkv, page, blocks = 48, 6, 2, 4, 8
+    inv = rope_inv_freq(d, rope).to(DEVICE)
+    for pos_dtype in (torch.long, torch.int32):
+        pos = torch.tensor([0, 5, 17, 1000], device=DEVICE, dtype=pos_dtype)
+        slots = torch.tensor([3, -1, 30, 8], device=DEVICE, dtype=pos_dtype)
+        # q, k, v as views of one fused projection output (row stride > row width)
+        qkv = torch.randn(4, (hq + 2 * hkv) * d, generator=gen).to(DEVICE)
+        q, k, v = (t.view(4, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+        cache = torch.randn(2, blocks, page, hkv, d, generator=gen).to(DEVICE)
+        q_ref, k_ref = q.clone(), k.clone()
+        kc_ref, vc_ref = cache[0].clone(), cache[1].clone()
+        ew.rotary_(q_ref, k_ref, pos, inv)
+        ew.store_kv(k_ref, v, kc_ref, vc_ref, slots)
+        k_before = k.clone()
+        kc, vc = _slack(cache[0]), _slack(cache[1])
+        ew.rotary_store_kv(q, k, v, kc, vc, slots, pos, inv)
+        torch.testing.assert_close(q, q_ref, atol=0, rtol=0)
+        assert torch.equal(k, k_before)
+        assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+        stored = (kc != cache[0]).any(dim=(-1, -2)).flatten().nonzero().flatten().tolist()
+        assert stored == [3, 8, 30]

@@ -17,7 +17,7 @@ from tests.engine.parity import compare, mixed_prompts, reference_greedy
 NEW_TOKENS = 32
 
 
-def _engine(model_dir, dtype, num_blocks=2048, host_blocks=0):
+def _engine(model_dir, dtype, num_blocks=2048, host_blocks=0, overlap=False):
     return LLMEngine(
         EngineConfig(
             model=str(model_dir),
@@ -28,6 +28,7 @@ def _engine(model_dir, dtype, num_blocks=2048, host_blocks=0):
                 max_num_batched_tokens=64,
                 preemption_mode="swap" if host_blocks else "recompute",
             ),
+            async_scheduling=overlap,
         )
     )
 
@@ -42,7 +43,8 @@ def _run(engine, prompts):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("host_blocks", [0, 256])
-def test_greedy_parity_float32_on_cuda(arch, host_blocks, tiny_model_dirs):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_greedy_parity_float32_on_cuda(arch, host_blocks, overlap, tiny_model_dirs):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch], dtype=torch.float32)
@@ -50,7 +52,9 @@ def test_greedy_parity_float32_on_cuda(arch, host_blocks, tiny_model_dirs):
     prompts = mixed_prompts(model.config.vocab_size, n=16, seed=1)
     refs = [reference_greedy(model, p, NEW_TOKENS, device="cuda") for p in prompts]
     # host_blocks: a device tier too small for the batch forces swaps through pinned memory
-    engine = _engine(tiny_model_dirs[arch], "float32", 64 if host_blocks else 2048, host_blocks)
+    engine = _engine(
+        tiny_model_dirs[arch], "float32", 64 if host_blocks else 2048, host_blocks, overlap
+    )
     reqs = _run(engine, prompts)
     failures = [why for ref, req in zip(refs, reqs, strict=True)
                 for ok, why in [compare(ref, req.output_token_ids)] if not ok]  # fmt: skip
@@ -65,9 +69,11 @@ def test_bf16_logits_within_2e_2_of_transformers(tiny_model_dirs):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to("cuda").eval()
     prompts = mixed_prompts(model.config.vocab_size, n=4, seed=2, max_len=200)
     engine = _engine(model_dir, "bfloat16")
-    captured = []  # the logits the runner samples from (last prompt position)
-    sampler = engine.runner.sampler  # eager or CUDA-graph path alike end in the sampler
-    engine.runner.sampler = lambda logits, rows: captured.append(logits) or sampler(logits, rows)
+    captured = []  # the logits of the last prompt position: eager path or (1 token) graph
+    model_, graphs = engine.runner.model, engine.runner.graphs
+    compute, replay = model_.compute_logits, graphs.run
+    model_.compute_logits = lambda hidden: captured.append(compute(hidden)) or captured[-1]
+    graphs.run = lambda s, src: captured.append(replay(s, src)) or captured[-1]
     for p in prompts:
         with torch.no_grad():
             want = model(torch.tensor([p], device="cuda")).logits[0, -1].float()

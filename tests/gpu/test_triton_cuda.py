@@ -40,19 +40,27 @@ def test_graph_decode_equals_eager_decode(tiny_model_dirs):
     from tandem.request import SamplingParams
     from tests.engine.parity import mixed_prompts
 
+    """Graphs on and off, async scheduling on and off: the same tokens. A third of the
+    requests sample (seeded, with logprobs), which takes the graph path's sampler branch
+    and writes its tokens into the staging row the next step reads on the device."""
     outs = []
-    for graphs in (True, False):
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, seed=5, logprobs=2, max_tokens=24, ignore_eos=True)
+    for graphs, overlap in ((True, False), (False, False), (True, True), (False, True)):
         engine = LLMEngine(
             EngineConfig(
                 model=str(tiny_model_dirs["llama"]), device="cuda", dtype="float32",
                 cache=CacheConfig(num_blocks=1024), scheduler=SchedulerConfig(max_num_seqs=32),
-                cuda_graphs=graphs,
+                cuda_graphs=graphs, async_scheduling=overlap,
             )
         )  # fmt: skip
         assert (engine.runner.graphs is not None) == graphs
-        params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-        reqs = [engine.add_request(p, params) for p in mixed_prompts(2048, n=24, seed=3)]
+        prompts = mixed_prompts(2048, n=24, seed=3)
+        reqs = [engine.add_request(p, seeded if i % 3 == 0 else greedy)
+                for i, p in enumerate(prompts)]  # fmt: skip
         while engine.has_unfinished_requests():
             engine.step()
+        assert engine.scheduler.device_kv.num_free_blocks == 1024
         outs.append([r.output_token_ids for r in reqs])
-    assert outs[0] == outs[1]
+    for o in outs[1:]:
+        assert o == outs[0]

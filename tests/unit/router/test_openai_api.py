@@ -1,0 +1,130 @@
+"""Request validation (pure): every hostile body is a 400 naming its field, never a value
+that fails later (msgpack, the tokenizer, the sampler) or is silently taken as true."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.openai_api import ApiError, Limits, check_text, parse_chat, parse_completion
+
+LIMITS = Limits("tiny", max_model_len=64, vocab_size=100, max_token_chars=4)
+
+
+class CountingTokenizer:
+    """One token per word; counts the texts it was asked to encode."""
+
+    def __init__(self) -> None:
+        self.encoded = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.encoded += 1
+        return [1 + len(w) % 50 for w in text.split()]
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        return " ".join(f"{m['role']}: {m['content']}" for m in messages) + " assistant:"
+
+
+def _completion(**body):
+    return parse_completion({"prompt": "hello there", **body}, CountingTokenizer(), LIMITS)
+
+
+def _error(fn, *args, **kwargs) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        fn(*args, **kwargs)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("seed", 2**70), ("seed", -(2**64)), ("priority", 10**30), ("top_k", 2**64),
+     ("min_tokens", 2**63)],
+)  # fmt: skip
+def test_integers_outside_64_bits_are_400_naming_the_field(field, value):
+    e = _error(_completion, **{field: value})
+    assert e.status == 400 and e.param == field and "64-bit" in e.message
+
+
+def test_64_bit_integers_at_the_edge_pass():
+    assert _completion(seed=2**63 - 1).params.seed == 2**63 - 1
+    assert _completion(priority=-(2**63)).priority == -(2**63)
+
+
+@pytest.mark.parametrize("ids", [[100], [-1], [5, 2**70]])
+def test_stop_token_ids_outside_the_vocabulary_are_400(ids):
+    e = _error(_completion, stop_token_ids=ids)
+    assert e.status == 400 and e.param == "stop_token_ids"
+
+
+def test_prompt_token_ids_outside_the_vocabulary_are_400():
+    e = _error(parse_completion, {"prompt": [1, 2**70]}, CountingTokenizer(), LIMITS)
+    assert e.status == 400 and e.param == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"ignore_eos": "x"}, "ignore_eos"), ({"ignore_eos": 1}, "ignore_eos"),
+     ({"stream": "true"}, "stream"),
+     ({"stream": True, "stream_options": {"include_usage": "x"}}, "stream_options.include_usage")],
+)  # fmt: skip
+def test_booleans_are_strict(body, param):
+    e = _error(_completion, **body)
+    assert e.status == 400 and e.param == param and "boolean" in e.message
+
+
+def test_empty_prompt_is_400_with_an_accurate_message():
+    e = _error(parse_completion, {"prompt": ""}, CountingTokenizer(), LIMITS)
+    assert e.status == 400 and "non-empty" in e.message
+
+
+@pytest.mark.parametrize(
+    "content",
+    [[], [{"type": "text"}], [{"type": "text", "text": 5}], [{"type": "image_url"}], 7, None],
+)
+def test_bad_chat_content_is_400(content):
+    body = {"messages": [{"role": "user", "content": content}]}
+    e = _error(parse_chat, body, CountingTokenizer(), LIMITS)
+    assert e.status == 400 and e.param == "messages"
+
+
+def test_text_parts_are_joined():
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a b"},
+                                                      {"type": "text", "text": " c"}]}]}  # fmt: skip
+    assert parse_chat(body, CountingTokenizer(), LIMITS).prompt_token_ids
+
+
+def test_text_too_long_for_the_context_is_refused_before_tokenizing():
+    tok = CountingTokenizer()
+    too_long = "a " * (LIMITS.max_prompt_chars // 2 + 1)
+    e = _error(parse_completion, {"prompt": too_long}, tok, LIMITS)
+    assert e.status == 400 and e.param == "prompt" and "characters" in e.message
+    chat = {"messages": [{"role": "user", "content": too_long}]}
+    assert _error(parse_chat, chat, tok, LIMITS).param == "messages"
+    assert tok.encoded == 0
+
+
+def test_the_character_bound_never_refuses_what_could_fit():
+    # Each token is at most max_token_chars characters, so max_model_len tokens are at most
+    # max_model_len * max_token_chars characters: such a text must reach the tokenizer.
+    assert LIMITS.max_prompt_chars >= LIMITS.max_model_len * LIMITS.max_token_chars
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"prompt": "hi \ud800"}, {"messages": [{"role": "user", "content": "\udfff"}]},
+     {"prompt": "x", "stop": ["ok", "\ud83d"]}, {"prompt": "x", "\ud800": 1}],
+)  # fmt: skip
+def test_lone_surrogates_anywhere_are_400(body):
+    e = _error(check_text, body)
+    assert e.status == 400 and "surrogate" in e.message
+
+
+def test_valid_unicode_passes_the_text_check():
+    check_text({"prompt": "Café 日本語 🙂", "messages": [{"content": ["ok"]}]})
+
+
+def test_tiny_temperatures_are_greedy():
+    from tandem.request import SamplingParams
+
+    assert SamplingParams(temperature=1e-300).greedy
+    assert SamplingParams(temperature=0.0).greedy
+    assert not SamplingParams(temperature=0.01).greedy
