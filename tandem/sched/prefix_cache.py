@@ -101,7 +101,7 @@ class PrefixCache:
     def names(self, req: Request, num_tokens: int) -> list[bytes]:
         """The request's block names, extended to its full blocks within ``num_tokens``."""
         names = req.block_hashes
-        full = min(num_tokens, req.num_tokens) // self.block_size
+        full = min(num_tokens, _known(req)) // self.block_size
         if full > len(names):
             bs = self.block_size
             self.hasher.append(names, req.token_slice(len(names) * bs, full * bs))
@@ -113,8 +113,9 @@ class PrefixCache:
         if not self.enabled:
             return False
         rid, bs = req.request_id, self.block_size
-        names = self.names(req, req.num_tokens)
-        limit = (req.num_tokens - 1) // bs
+        known = _known(req)
+        names = self.names(req, known)
+        limit = (known - 1) // bs
         hit = self.device.match_prefix(names, limit)
         found: list[int] = []
         if self.hierarchical and len(hit) < limit:
@@ -168,7 +169,7 @@ class PrefixCache:
             return
         # With async scheduling K/V may be computed for a sampled token whose id is not
         # read back yet: only blocks of known tokens are named.
-        n = min(req.num_computed_tokens, req.num_tokens)
+        n = min(req.num_computed_tokens, _known(req))
         names = req.block_hashes
         if n // self.block_size > len(names):
             self.names(req, n)
@@ -226,3 +227,8 @@ class PrefixCache:
             "host_cache_write_blocks": self.swap.cache_out_blocks,
             "host_cache_load_blocks": self.swap.cache_in_blocks,
         }
+
+
+def _known(req: Request) -> int:
+    """Tokens whose ids are known: a pending sampled token (async scheduling) is not."""
+    return req.num_prompt_tokens + req.num_output_tokens

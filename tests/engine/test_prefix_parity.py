@@ -8,7 +8,9 @@ together (hits on cached blocks and on blocks computed by its own members) and a
 arrives while the second is decoding. Each engine output must equal transformers' greedy
 output for that prompt run alone, with a roomy cache, and with a cache so small that
 requests are preempted by recompute or by swapping to a host tier (which then also
-keeps evicted cached blocks and serves them back: the hierarchical cache).
+keeps evicted cached blocks and serves them back: the hierarchical cache); each with
+synchronous stepping and with async scheduling (blocks are named only over tokens whose
+ids are known).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def references(tiny_model_dirs):
     return refs
 
 
-def _run(model_dir, waves, *, num_blocks: int, host_blocks: int = 0):
+def _run(model_dir, waves, *, num_blocks: int, host_blocks: int = 0, overlap: bool = False):
     engine = LLMEngine(
         EngineConfig(
             model=str(model_dir),
@@ -80,6 +82,7 @@ def _run(model_dir, waves, *, num_blocks: int, host_blocks: int = 0):
                 preemption_mode="swap" if host_blocks else "recompute",
                 policy="fcfs",
             ),
+            async_scheduling=overlap,
         )
     )
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -116,9 +119,10 @@ def _assert_parity(refs, reqs) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_parity_with_shared_prefixes(arch, tiny_model_dirs, references):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_parity_with_shared_prefixes(arch, overlap, tiny_model_dirs, references):
     waves, refs = references[arch]
-    engine, reqs = _run(tiny_model_dirs[arch], waves, num_blocks=2048)
+    engine, reqs = _run(tiny_model_dirs[arch], waves, num_blocks=2048, overlap=overlap)
     stats = engine.scheduler.prefix_stats
     wave2 = reqs[1]
     # Hits of every kind really happened: unaligned, aligned, duplicate, chat turn.
@@ -131,11 +135,16 @@ def test_parity_with_shared_prefixes(arch, tiny_model_dirs, references):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
-def test_parity_with_shared_prefixes_under_preemption(arch, mode, tiny_model_dirs, references):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_parity_with_shared_prefixes_under_preemption(
+    arch, mode, overlap, tiny_model_dirs, references
+):
     waves, refs = references[arch]
     # The longest request needs (129 + 24) / 16 = 10 blocks; 24 forces many preemptions.
     host = 2048 if mode == "swap" else 0
-    engine, reqs = _run(tiny_model_dirs[arch], waves, num_blocks=24, host_blocks=host)
+    engine, reqs = _run(
+        tiny_model_dirs[arch], waves, num_blocks=24, host_blocks=host, overlap=overlap
+    )
     sched = engine.scheduler
     assert sched.num_preemptions >= 3, "the small cache did not force preemptions"
     assert sched.prefix_stats.hit_tokens > 0 and sched.device_kv.num_evictions > 0
