@@ -50,6 +50,7 @@ from router.openai_api import (
     check_text,
     parse_chat,
     parse_completion,
+    parse_generate,
 )
 from router.prefix_affinity import PrefixAffinity
 from router.workers import WORKER_LOST, InOrder, Route, WorkerClient
@@ -316,8 +317,7 @@ class Router:
     def _admit(self) -> None:
         if self.in_flight >= self.config.max_in_flight:
             raise ApiError(429, f"server busy: {self.in_flight} requests in flight; retry later")
-        if not any(w.connected for w in self.workers):
-            raise ApiError(503, "no worker is available")
+        self._require_worker()  # again: workers may have gone while the body was parsed
         self.in_flight += 1
 
     async def _run(self, request: web.Request, p: ParsedRequest) -> web.StreamResponse:
@@ -626,27 +626,7 @@ class Router:
         """Native API: token ids in, token ids streamed out (SSE of {"token_ids": [...]})."""
 
         def parse(body: Any) -> ParsedRequest:
-            if not isinstance(body, dict):
-                raise ApiError(400, "request body must be a JSON object")
-            ids = body.get("prompt_token_ids")
-            if (
-                not isinstance(ids, list)
-                or not ids
-                or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
-            ):
-                raise ApiError(
-                    400,
-                    "'prompt_token_ids' must be a non-empty list of integers",
-                    "prompt_token_ids",
-                )
-            sp = body.get("sampling_params")
-            if sp is None:
-                sp = {}
-            if not isinstance(sp, dict):
-                raise ApiError(400, "'sampling_params' must be an object", "sampling_params")
-            sp = {"max_tokens": 16, **sp}
-            as_completion = {**sp, "prompt": ids, "stream": True, "model": None}
-            return parse_completion(as_completion, self.tokenizer, self.limits())
+            return parse_generate(body, self.tokenizer, self.limits())
 
         return await self._accept(request, parse, self._generate)
 

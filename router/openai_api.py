@@ -335,3 +335,27 @@ def parse_chat(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
     default = max(1, limits.max_model_len - len(ids))
     params, stream, usage, prio, logprobs = _common(body, default, limits, len(ids), chat=True)
     return ParsedRequest(ids, params, stream, usage, prio, chat=True, logprobs=logprobs)
+
+
+def parse_generate(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
+    """The native ``/generate`` body: ``prompt_token_ids`` and an optional
+    ``sampling_params`` object (completion fields; ``max_tokens`` 16 by default), always
+    streamed."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    ids = body.get("prompt_token_ids")
+    if (
+        not isinstance(ids, list)
+        or not ids
+        or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+    ):
+        raise ApiError(
+            400, "'prompt_token_ids' must be a non-empty list of integers", "prompt_token_ids"
+        )
+    sp = body.get("sampling_params")
+    if sp is None:
+        sp = {}
+    if not isinstance(sp, dict):
+        raise ApiError(400, "'sampling_params' must be an object", "sampling_params")
+    as_completion = {"max_tokens": 16, **sp, "prompt": ids, "stream": True, "model": None}
+    return parse_completion(as_completion, tokenizer, limits)

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from router.openai_api import ApiError, Limits, check_text, parse_chat, parse_completion
+from router.openai_api import (
+    ApiError,
+    Limits,
+    check_text,
+    parse_chat,
+    parse_completion,
+    parse_generate,
+)
 
 LIMITS = Limits("tiny", max_model_len=64, vocab_size=100, max_token_chars=4)
 
@@ -128,3 +135,20 @@ def test_tiny_temperatures_are_greedy():
     assert SamplingParams(temperature=1e-300).greedy
     assert SamplingParams(temperature=0.0).greedy
     assert not SamplingParams(temperature=0.01).greedy
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"prompt_token_ids": "abc"}, "prompt_token_ids"), ({"prompt_token_ids": []}, "prompt_token_ids"),
+     ({"prompt_token_ids": [1], "sampling_params": [1]}, "sampling_params"),
+     ({"prompt_token_ids": [1], "sampling_params": "x"}, "sampling_params"),
+     ({"prompt_token_ids": [100]}, "prompt")],
+)  # fmt: skip
+def test_generate_bodies_are_checked(body, param):
+    e = _error(parse_generate, body, CountingTokenizer(), LIMITS)
+    assert e.status == 400 and e.param == param
+
+
+def test_generate_defaults_to_16_tokens_streamed():
+    p = parse_generate({"prompt_token_ids": [1, 2]}, CountingTokenizer(), LIMITS)
+    assert p.params.max_tokens == 16 and p.stream and p.prompt_token_ids == [1, 2]
