@@ -47,7 +47,7 @@ def stack(tiny_llama_dir):
     cli = [sys.executable, "-m", "tandem.cli"]
     worker = subprocess.Popen(
         [*cli, "decode-worker", "--fake-engine", "--fake-step-ms", "5", "--model",
-         str(tiny_llama_dir), "--kv-blocks", "512"],
+         str(tiny_llama_dir), "--kv-blocks", "512", "--ready-fd", "1"],
         env=env, stdout=subprocess.PIPE,
     )  # fmt: skip
     procs = [worker]
