@@ -152,7 +152,8 @@ class Stack:
         worker_port = _free_port()
         cmd = [sys.executable, "-m", "tandem.cli", "decode-worker", "--fake-engine",
                "--fake-step-ms", str(step_ms), "--model", model, "--port", str(worker_port),
-               "--max-num-seqs", str(seqs), "--kv-blocks", str(blocks)]  # fmt: skip
+               "--max-num-seqs", str(seqs), "--kv-blocks", str(blocks),
+               "--quiet", "--ready-fd", "1"]  # fmt: skip
         self.worker = subprocess.Popen(
             self._pin(cmd, self.worker_cpus), env=env, stdout=subprocess.PIPE
         )

@@ -71,8 +71,6 @@ class DecodeWorkerService(WorkerService):
     def extra_hello(self) -> dict[str, Any]:
         return {
             "kv_address": self.kv_address,
-            "block_size": self.engine.config.cache.block_size,
-            "worker_id": self.worker_id,
             "migration": self.migration_out is not None,
         }
 

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -130,6 +131,31 @@ class WorkerService:
         async with self._server:
             await self._server.serve_forever()
 
+    async def run(self, on_ready: Callable[[int], None] | None = None) -> None:
+        """Start, call ``on_ready(port)``, serve until SIGTERM or SIGINT, then ``shutdown()``:
+        a worker stopped by its supervisor (docker stop, systemd, ``tandem serve``) leaves
+        the registry at once instead of lingering there until its TTL runs out."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:  # before start(): a signal during start-up still deregisters
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            port = await self.start()
+            if on_ready is not None and not stop.is_set():
+                on_ready(port)
+            serving = asyncio.create_task(self.serve_forever())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (serving, stopping):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            await self.shutdown()
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
@@ -149,8 +175,17 @@ class WorkerService:
             "vocab_size": e.model_config.vocab_size,
             "eos_token_ids": list(e.model_config.eos_token_ids),
             # What a router needs to name a prompt's blocks as this worker's cache does.
-            "block_size": e.config.cache.block_size,
             "cache_salt": getattr(e, "cache_salt", None),
+            # Start-up summaries (``tandem.summary``); the router's migration reads
+            # block_size and worker_id too (every role has them now, not only decode).
+            "device": e.config.device,
+            "dtype": e.config.dtype,
+            "block_size": e.config.cache.block_size,
+            "host_kv_blocks": e.config.cache.num_host_blocks,
+            "policy": e.config.scheduler.policy,
+            "max_num_batched_tokens": e.config.scheduler.max_num_batched_tokens,
+            "chunked_prefill": e.config.scheduler.enable_chunked_prefill,
+            "worker_id": self.worker_id,
             **self.extra_hello(),
         }
 

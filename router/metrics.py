@@ -108,6 +108,11 @@ class RouterMetrics:
         for level, n in sorted((queue_lengths or {}).items()):
             lines.append(f'tandem_router_queue_length{{level="{level}"}} {n}')
         gauges = {
+            "up": (
+                "tandem_worker_up",
+                "1 while the router is connected to the worker; 0 while not (and then the "
+                "worker's other series are absent)",
+            ),
             "kv_free": ("tandem_worker_kv_blocks_free", "Free KV blocks per worker"),
             "kv_used": ("tandem_worker_kv_blocks_used", "Used KV blocks per worker"),
             "running": ("tandem_worker_running_requests", "Running requests per worker"),

@@ -1,8 +1,10 @@
 """The router's side of a worker connection (pure asyncio; no torch).
 
 One persistent TCP connection per worker. A reader task routes each ``tokens`` item to
-the queue of its request and keeps the worker's latest ``stats``. If the connection
-drops, every request in flight on it gets an error item, so no stream hangs — except a
+the queue of its request and keeps the worker's latest ``stats`` (with ``up`` 1). If the
+connection drops, ``stats`` becomes ``{"up": 0}``: a dead worker's last load (blocks used,
+requests running) must not linger in ``/metrics`` or in dispatch decisions as if it were
+current. Every request in flight on it gets an error item, so no stream hangs — except a
 request only expected here as a migration's destination (``expect_migration``): it still
 runs on its source, whose migration then fails and keeps it.
 
@@ -26,6 +28,7 @@ from tandem import protocol
 log = logging.getLogger("tandem.router")
 
 WORKER_LOST = protocol.WORKER_LOST  # error prefix: the worker is gone, re-run elsewhere
+DOWN_STATS: dict[str, Any] = {"up": 0}  # shared, never mutated: stats are replaced whole
 
 
 class WorkerClient:
@@ -36,7 +39,8 @@ class WorkerClient:
         self.address = address
         self.host, self.port = host, int(port)
         self.hello: dict[str, Any] | None = None
-        self.stats: dict[str, Any] = {}
+        # The latest ``stats`` frame plus ``up``; only ``{"up": 0}`` while not connected.
+        self.stats: dict[str, Any] = DOWN_STATS
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._queues: dict[str, asyncio.Queue] = {}
@@ -69,6 +73,7 @@ class WorkerClient:
         if hello.get("type") != "hello":
             raise protocol.ProtocolError(f"worker {self.address} did not say hello")
         self.hello, self._writer = hello, writer
+        self.stats = {"up": 1}
         self._reader_task = asyncio.create_task(self._read_loop(reader))
 
     async def close(self) -> None:
@@ -146,6 +151,7 @@ class WorkerClient:
                             if item[2] is not None or item[3] is not None:
                                 self._queues.pop(item[0], None)
                 elif msg["type"] == "stats":
+                    msg["up"] = 1
                     self.stats = msg
                 elif msg["type"] in ("handoff", "migrated"):
                     # The request now lives on another worker; nothing more comes from here.
@@ -159,6 +165,7 @@ class WorkerClient:
         finally:
             self._writer = None
             self.hello = None
+            self.stats = DOWN_STATS
             for rid, q in list(self._queues.items()):
                 if rid not in self._incoming:
                     q.put_nowait(lost_item(rid, self.address))

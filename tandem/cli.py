@@ -4,9 +4,12 @@ Subcommands:
   make-tiny-model DIR   write the small bundled test model (random weights, local tokenizer)
   profile-cost-model F  profile the iteration cost model on this machine, write it to F
   generate PROMPT ...   offline generation with the engine (default: the bundled model, CPU)
-  serve                 the whole stack on this machine: router (HTTP) + a colocated worker
+  serve                 the whole stack on this machine: router (HTTP) + supervised workers
   router                the HTTP front end alone (--worker HOST:PORT ...)
   decode-worker         one worker process (--colocated: it also runs prefill)
+  prefill-worker        one prefill worker process (hands KV to decode workers)
+
+Every --help shows each flag's default. Services print a start-up summary once they serve.
 
 Errors in arguments exit with status 2 and a message naming the flag; no tracebacks.
 """
@@ -18,8 +21,31 @@ import sys
 import time
 from collections.abc import Sequence
 
+from tandem.supervisor import Backoff
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default (as ``ArgumentDefaultsHelpFormatter`` does),
+    except where the help already says what the default is and for switches (store_true)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def _add_engine_args(p: argparse.ArgumentParser, profiling: bool = False) -> None:
+    """The engine flags. ``profiling`` (``profile-cost-model``): only those that change the
+    measured times; the others keep their defaults without being flags there."""
+
+    def serving(*flags: str, **kw) -> None:  # a flag that does not change a profile
+        if not profiling:
+            p.add_argument(*flags, **kw)
+            return
+        dest = kw.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        p.set_defaults(**{dest: kw.get("default", False if kw.get("action") else None)})
+
     p.add_argument(
         "--model",
         default=None,
@@ -27,62 +53,70 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "random weights (e.g. random:llama-3-8b; benchmarks) (default: the bundled tiny model)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling (default: 0)")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights"
+    )
+    serving("--seed", type=int, default=0, help="seed for unseeded sampling (default: 0)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     p.add_argument(
         "--kv-blocks", type=int, default=None, help="device KV blocks (default: from memory)"
     )
-    p.add_argument(
+    serving(
         "--host-kv-blocks", type=int, default=0, help="host-tier KV blocks for swap (default: 0)"
     )
-    p.add_argument(
+    serving(
         "--host-kv-gib",
         type=float,
         default=None,
-        help="size the host KV tier in GiB instead of --host-kv-blocks",
+        help="size the host KV tier in GiB instead of --host-kv-blocks (default: not set)",
     )
-    p.add_argument(
+    serving(
         "--swap-watermark",
         type=float,
         default=0.05,
         help="with a host tier: keep this fraction of device KV blocks free by offloading "
         "idle low-priority requests; 0 = swap only as preemption (default: 0.05)",
     )
-    p.add_argument(
+    serving(
         "--swap-int8",
         action="store_true",
         help="store swapped KV blocks as int8 with per-head absmax scales (lossy)",
     )
-    caching = p.add_mutually_exclusive_group()
-    caching.add_argument(
-        "--enable-prefix-caching",
-        dest="prefix_caching",
-        action="store_true",
-        default=True,
-        help="reuse the KV of cached full blocks across requests that share a prefix (default)",
-    )
-    caching.add_argument(
-        "--no-prefix-caching",
-        dest="prefix_caching",
-        action="store_false",
-        help="compute every prompt from scratch",
-    )
+    if profiling:  # a profile does not depend on caching
+        p.set_defaults(prefix_caching=True)
+    else:
+        caching = p.add_mutually_exclusive_group()
+        caching.add_argument(
+            "--enable-prefix-caching",
+            dest="prefix_caching",
+            action="store_true",
+            default=True,
+            help="reuse the KV of cached full blocks across requests that share a prefix (default)",
+        )
+        caching.add_argument(
+            "--no-prefix-caching",
+            dest="prefix_caching",
+            action="store_false",
+            help="compute every prompt from scratch",
+        )
     p.add_argument("--max-num-seqs", type=int, default=256, help="max requests per iteration")
     p.add_argument(
         "--max-num-batched-tokens", type=int, default=2048, help="token budget per iteration"
     )
-    p.add_argument("--no-chunked-prefill", action="store_true", help="prefill whole prompts only")
-    p.add_argument(
+    serving("--no-chunked-prefill", action="store_true", help="prefill whole prompts only")
+    serving(
         "--policy",
         default="mlfq",
         choices=["fcfs", "mlfq", "alise"],
         help="scheduling policy (default: mlfq)",
     )
-    p.add_argument("--max-model-len", type=int, default=None, help="max prompt + output tokens")
-    p.add_argument(
-        "--cost-model", default=None, help="cost model JSON (default: profile at start-up)"
+    serving(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="max prompt + output tokens (default: the model's max_position_embeddings)",
     )
+    serving("--cost-model", default=None, help="cost model JSON (default: profile at start-up)")
     p.add_argument(
         "--gpu-memory-utilization",
         type=float,
@@ -96,7 +130,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="attention kernels: auto = triton on CUDA, torch reference on CPU (default: auto)",
     )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode batches")
-    p.add_argument(
+    serving(
         "--no-async-scheduling",
         action="store_true",
         help="schedule each iteration only after the previous one finished (default on CUDA: "
@@ -125,6 +159,14 @@ def _add_http_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--body-timeout", type=float, default=30.0, help="seconds to receive a request body (408)"
+    )
+    p.add_argument(
+        "--access-log",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="FILE",
+        help="log one line per HTTP request: to stdout, or appended to FILE (default: off)",
     )
 
 
@@ -174,17 +216,32 @@ def _add_migration_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="control-plane host to listen on")
     p.add_argument(
         "--port", type=int, default=0, help="control port (default: a free one, printed)"
     )
     p.add_argument(
-        "--registry", default=None, help="registry URL (redis://host:port) to register in"
+        "--registry",
+        default=None,
+        help="registry URL (redis://host:port) to register in (default: none; give the "
+        "router --worker HOST:PORT)",
     )
     p.add_argument("--worker-id", default=None, help="id in the registry (default: random)")
     p.add_argument("--advertise-host", default=None, help="host the router dials (default: --host)")
     p.add_argument(
         "--registry-ttl", type=float, default=5.0, help="seconds a silent worker stays registered"
+    )
+    p.add_argument(
+        "--ready-fd",
+        type=int,
+        default=None,
+        metavar="FD",
+        help="once listening, write 'TANDEM_WORKER_READY HOST:PORT' to this open file "
+        "descriptor and close it: a handshake for supervisors such as `tandem serve` "
+        "(1 = stdout) (default: none)",
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="no start-up summary (its supervisor prints one)"
     )
     p.add_argument(
         "--fake-engine",
@@ -213,26 +270,57 @@ _ENGINE_FLAGS = (
 )  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tandem", description="Tandem LLM serving")
-    sub = parser.add_subparsers(dest="command", required=True)
+_SERVICES = ("serve", "router", "decode-worker", "prefill-worker")  # long-running: they log
 
-    p = sub.add_parser("make-tiny-model", help="write the small bundled test model")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tandem",
+        description="Tandem LLM serving",
+        epilog="`tandem COMMAND --help` lists a command's flags and their defaults.",
+        formatter_class=HelpFormatter,
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, description: str | None = None, **kw):
+        """A subcommand: its line in `tandem --help`, a description atop its own --help."""
+        description = description or help[0].upper() + help[1:] + "."
+        return subparsers.add_parser(
+            name, help=help, description=description, formatter_class=HelpFormatter, **kw
+        )
+
+    p = command("make-tiny-model", help="write the small bundled test model")
     p.add_argument("dir", help="output folder")
     p.add_argument(
         "--arch", default="llama", help="llama | mistral | qwen2 | qwen3 (default: llama)"
     )
     p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
 
-    p = sub.add_parser(
+    p = command(
         "profile-cost-model", help="profile prefill/decode times on this machine, write JSON"
     )
     p.add_argument("out", help="output JSON file (use with --cost-model)")
-    _add_engine_args(p)
+    _add_engine_args(p, profiling=True)
 
-    p = sub.add_parser("serve", help="serve the OpenAI API: router + a colocated worker")
+    p = command(
+        "serve",
+        help="the whole stack on this machine: the OpenAI API (router) and its worker "
+        "processes, supervised",
+        description="Serve the OpenAI API on this machine: the router in this process and "
+        "worker processes behind it (one colocated worker, or --prefill-workers N "
+        "--decode-workers M), restarted with backoff when one dies. With no flags: the "
+        "bundled tiny model on the CPU at http://127.0.0.1:8000.",
+    )
     _add_engine_args(p)
     _add_http_args(p)
+    backoff = Backoff()
+    p.add_argument(
+        "--no-restart-workers",
+        action="store_true",
+        help="leave a dead worker dead (serve stops once a role has no worker left); by "
+        f"default it is restarted after {backoff.delay(1):g} s, {backoff.delay(2):g} s, "
+        f"{backoff.delay(3):g} s ... at most {backoff.max_s:g} s",
+    )
     p.add_argument(
         "--worker-port", type=int, default=0, help="worker control port (default: a free one)"
     )
@@ -263,19 +351,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_migration_args(p)
     _add_migration_lease_arg(p)
 
-    p = sub.add_parser("router", help="the HTTP front end (no torch)")
-    p.add_argument("--model", default=None, help="model folder (tokenizer, chat template)")
+    p = command("router", help="the HTTP front end (no torch)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model folder (tokenizer, chat template) (default: the bundled tiny model)",
+    )
     p.add_argument(
         "--worker",
         action="append",
         default=[],
         metavar="HOST:PORT",
-        help="a worker to use (repeatable)",
+        help="a worker to use (repeatable) (default: none; see --registry)",
     )
     p.add_argument(
-        "--registry", default=None, help="registry URL (redis://host:port): find workers there"
+        "--registry",
+        default=None,
+        help="registry URL (redis://host:port): find workers there (default: none)",
     )
-    p.add_argument("--cost-model", default=None, help="cost model JSON for skip-join admission")
+    p.add_argument(
+        "--cost-model",
+        default=None,
+        help="cost model JSON for skip-join admission (default: a generic one)",
+    )
     _add_http_args(p)
     _add_migration_args(p)
 
@@ -283,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("decode-worker", "a decode worker (receives KV from prefill workers), or --colocated"),
         ("prefill-worker", "a prefill worker: chunked prefill, then KV handoff to a decode worker"),
     ):
-        p = sub.add_parser(name, help=help_text)
+        p = command(name, help=help_text)
         _add_engine_args(p)
         _add_worker_args(p)
         if name == "decode-worker":
@@ -314,19 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
             "needs --device cuda[:N] and CuPy (default: tcp)",
         )
 
-    sub.add_parser(
+    command(
         "loadgen",
         help="load an OpenAI-compatible server and report latency (see `tandem loadgen -h`)",
         add_help=False,
     )
-    p = sub.add_parser("generate", help="offline generation (no server)")
+    p = command("generate", help="offline generation (no server)")
     p.add_argument("prompts", nargs="+", help="prompt strings; all run together in one batch")
     _add_engine_args(p)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k best (default: all)")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past end-of-sequence tokens")
     return parser
 
 
@@ -412,9 +510,15 @@ def _engine_config(
 
 def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import asyncio
+    import os
 
     from decode_worker.service import WorkerService
 
+    if args.ready_fd is not None:
+        try:
+            os.fstat(args.ready_fd)
+        except OSError:
+            parser.error(f"--ready-fd {args.ready_fd} is not an open file descriptor")
     config = None
     if args.fake_engine:  # no model, no torch: measures the control plane alone
         from decode_worker.fake_engine import FakeEngine, fake_engine_config
@@ -508,15 +612,31 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                 migration_lease_s=args.migration_lease,
                 **common,
             )
-        port = await service.start()
-        print(f"TANDEM_WORKER_READY {args.host}:{port}", flush=True)
-        try:
-            await service.serve_forever()
-        finally:
-            await service.shutdown()
+
+        def ready(port: int) -> None:
+            address = f"{args.host}:{port}"
+            if not args.quiet:
+                from tandem.summary import worker_summary
+
+                hello = service.hello()
+                print(
+                    worker_summary(args.command, address, hello, args.registry, args.registry_ttl),
+                    flush=True,
+                )
+            if args.ready_fd is not None:  # the handshake comes after the summary
+                sys.stdout.flush()
+                os.write(args.ready_fd, f"TANDEM_WORKER_READY {address}\n".encode())
+                if args.ready_fd > 2:
+                    os.close(args.ready_fd)
+
+        await service.run(on_ready=ready)  # until SIGTERM/SIGINT; then it deregisters
 
     _install_uvloop()
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except OSError as e:  # e.g. the port is taken
+        print(f"error: {args.command}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -545,67 +665,15 @@ def _router(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         model = resolve_model(model)
     except ValueError as e:
         parser.error(f"--model: {e}")
-    _run_router(model, args.worker, args, parser)
+    from tandem import serve
+
+    serve.run_router(model, args.worker, args, parser, serve.describe_router(args, model))
     return 0
-
-
-def _run_router(
-    model: str, workers: list[str], args: argparse.Namespace, parser: argparse.ArgumentParser
-) -> None:
-    from pathlib import Path
-
-    from aiohttp import web
-
-    from router.app import RouterConfig, build_app, run_kwargs
-    from router.migration import MigrationConfig
-
-    try:
-        migration = MigrationConfig(
-            mode=args.migration,
-            interval_s=args.migration_interval,
-            min_gap=args.migration_min_gap,
-            final_blocks=args.migration_final_blocks,
-            max_stages=args.migration_max_stages,
-        )
-        config = RouterConfig(
-            model_dir=model,
-            served_model_name=args.served_model_name or Path(model).name,
-            workers=tuple(workers),
-            registry_url=getattr(args, "registry", None),
-            cost_model=getattr(args, "cost_model", None),
-            max_in_flight=args.max_in_flight,
-            request_timeout=args.request_timeout,
-            migration=migration,
-            dispatch=args.dispatch,
-            max_body_bytes=int(args.max_body_mb * 2**20),
-            header_timeout=args.header_timeout,
-            body_timeout=args.body_timeout,
-        )
-        app = build_app(config)
-    except (ValueError, OSError) as e:
-        parser.error(str(e))
-    _install_uvloop()
-    print(f"serving {config.served_model_name} on http://{args.host}:{args.port}", flush=True)
-    # A deep listen backlog: 1,000 clients connecting at once must not see dropped handshakes.
-    # handler_cancellation: a client that disconnects cancels its handler (aiohttp's default
-    # is off), so a non-streaming request is aborted at the worker too.
-    web.run_app(
-        app,
-        host=args.host,
-        port=args.port,
-        print=None,
-        backlog=4096,
-        handler_cancellation=True,
-        **run_kwargs(config),
-    )
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Router in this process, workers as child processes on loopback: one colocated worker,
     or ``--prefill-workers N --decode-workers M`` for the disaggregated pools."""
-    import socket
-    import subprocess
-
     # Validates flags and resolves the default (or random:NAME) model folder.
     config = _engine_config(args, parser, size_gpu_kv=False)
     if (args.prefill_workers > 0) != (args.decode_workers > 0):
@@ -632,11 +700,6 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.migration_lease > 0:
         parser.error(f"--migration-lease must be > 0, got {args.migration_lease}")
 
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
-
     engine_flags: list[str] = []
     for name in _ENGINE_FLAGS:
         value = config.model if name == "model" else getattr(args, name)
@@ -655,69 +718,25 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.decode_workers:
         kv = ["--kv-transfer", placement.kv_transfer]
         lease = ["--migration-lease", str(args.migration_lease)]
-        roles = [("prefill-worker", ["--device", d, *kv]) for d in placement.prefill] + [
-            ("decode-worker", ["--device", d, *kv, *lease]) for d in placement.decode
+        roles = [
+            ("prefill-worker", "prefill", [*engine_flags, "--device", d, *kv])
+            for d in placement.prefill
+        ] + [
+            ("decode-worker", "decode", [*engine_flags, "--device", d, *kv, *lease])
+            for d in placement.decode
         ]
     else:
-        roles = [("decode-worker", ["--colocated", "--device", placement.decode[0]])]
-    addresses, children = [], []
-    for i, (role, extra) in enumerate(roles):
-        port = args.worker_port if (i == 0 and args.worker_port) else free_port()
-        cmd = [sys.executable, "-m", "tandem.cli", role, "--port", str(port), *engine_flags, *extra]
-        children.append(subprocess.Popen(cmd))
-        addresses.append(f"127.0.0.1:{port}")
-    failed, stopping = _watch_workers(children, [role for role, _ in roles])
-    try:
-        _run_router(config.model, addresses, args, parser)
-    finally:
-        stopping.set()
-        for child in children:
-            child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-    if failed:
-        print(f"error: {failed[0]}; tandem serve stopped", file=sys.stderr)
-        return 1
-    return 0
+        flags = [*engine_flags, "--colocated", "--device", placement.decode[0]]
+        roles = [("decode-worker", "colocated", flags)]
+    from tandem import serve
 
-
-def _watch_workers(children: list, roles: list[str]):
-    """Stop ``tandem serve`` (SIGTERM to itself: the router shuts down cleanly) once every
-    worker of a role has exited, e.g. a worker that failed at start-up: it cannot serve,
-    and a supervisor (docker, systemd) should see it exit rather than hang. Returns (a list
-    that gets the reason, an event to set before stopping the workers on purpose)."""
-    import os
-    import signal
-    import threading
-
-    failed: list[str] = []
-    stopping = threading.Event()
-
-    def watch() -> None:
-        while not stopping.is_set():
-            for role in set(roles):
-                mine = [c for c, r in zip(children, roles, strict=True) if r == role]
-                if all(c.poll() is not None for c in mine) and not stopping.is_set():
-                    codes = ", ".join(str(c.returncode) for c in mine)
-                    failed.append(f"every {role} process exited (exit status {codes})")
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    return
-            time.sleep(0.5)
-
-    threading.Thread(target=watch, name="worker-watch", daemon=True).start()
-    return failed, stopping
+    return serve.serve(config.model, roles, args, parser)
 
 
 def _install_uvloop() -> None:
-    try:
-        import uvloop
+    from tandem.serve import install_uvloop
 
-        uvloop.install()
-    except ImportError:
-        pass
+    install_uvloop()
 
 
 def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -751,6 +770,11 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand (for its error messages and help)."""
+    return parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "loadgen":  # its own parser (it has a `compare` subcommand)
@@ -768,7 +792,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "decode-worker": _decode_worker,
         "prefill-worker": _decode_worker,
     }
-    sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    sub_parser = subcommand_parser(parser, args.command)
+    if args.command in _SERVICES:
+        from tandem import logs
+
+        try:
+            logs.configure()
+        except ValueError as e:
+            sub_parser.error(str(e))
     return handlers[args.command](args, sub_parser)
 
 

@@ -6,7 +6,9 @@ router → worker
   ``submit``  {request_id, prompt_token_ids, params (SamplingParams fields), priority}
   ``abort``   {request_ids: [...]}
 worker → router
-  ``hello``   {role, model, compat, kv_blocks, max_model_len, vocab_size}   (first frame)
+  ``hello``   {role, model, compat, kv_blocks, max_model_len, vocab_size, ...}   (first frame;
+              also device, dtype, block_size, host_kv_blocks, policy, max_num_seqs,
+              max_num_batched_tokens, chunked_prefill, worker_id for start-up summaries)
   ``tokens``  {items: [[request_id, new_token_ids, finish_reason|None, error|None,
                         logprobs|None], ...]}   (one frame per engine iteration, many requests)
   ``stats``   {running, waiting, swapped, kv_free, kv_used, preemptions, ...}   (periodic)

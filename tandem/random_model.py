@@ -54,6 +54,7 @@ def resolve_model(model: str, seed: int = 0) -> str:
         return model
     from tandem import env
     from tandem.tinymodel import tokenizer as tk
+    from tandem.tinymodel.files import make_readable
 
     name = model[len(RANDOM_PREFIX) :]
     config = hf_config(name)
@@ -72,6 +73,7 @@ def resolve_model(model: str, seed: int = 0) -> str:
         tk.save_tokenizer(tk.train_tokenizer(), tmp)
         _pad_vocab(tmp / "tokenizer.json", int(config["vocab_size"]))
         tk.write_json(tmp / RANDOM_WEIGHTS_FILE, {"name": name, "seed": seed, "std": 0.02})
+        make_readable(tmp)  # mkdtemp made it 0700; the cache may be shared
         try:
             os.rename(tmp, out)
         except OSError:  # another process finished first

@@ -36,7 +36,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +48,7 @@ import torch
 
 from tandem.tinymodel import ARCHS, DEFAULT_ARCH, DEFAULT_SEED, default_model_path
 from tandem.tinymodel import tokenizer as tk
+from tandem.tinymodel.files import make_readable
 
 _COMMON: dict[str, Any] = {
     "vocab_size": tk.VOCAB_SIZE,
@@ -200,6 +203,7 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> 
     """Write the tiny ``arch`` model with weights from ``seed`` into ``out_dir``; return it.
 
     ``out_dir`` is created if missing; files already there with the same names are replaced.
+    The folder ends 0755 and its files 0644 whatever the umask (``files.make_readable``).
     Raises ValueError for an unknown ``arch``.
     """
     _check_arch(arch)
@@ -211,6 +215,7 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> 
     _patch_config(out / "config.json", arch)
     tk.write_json(out / "generation_config.json", _generation_config())
     tk.save_tokenizer(tk.train_tokenizer(), out)
+    make_readable(out)
     return out
 
 
@@ -225,11 +230,17 @@ def default_model_dir() -> Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    print(
+        f"building the bundled tiny model into {_home_short(target)} ... (first run only)",
+        file=sys.stderr,
+        flush=True,
+    )
+    start = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        make_tiny_model(tmp, DEFAULT_ARCH, DEFAULT_SEED)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        make_tiny_model(tmp, DEFAULT_ARCH, DEFAULT_SEED)  # 0755, like the shared cache needs
         os.rename(tmp, target)
+        print(f"built it in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
     except OSError:
         if not target.is_dir():  # a lost race is fine; anything else is an error
             raise
@@ -237,6 +248,12 @@ def default_model_dir() -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _home_short(path: Path) -> str:
+    """``path`` with the home folder written ``~`` (as users know the cache)."""
+    home = Path.home()
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
 
 
 def _patch_config(path: Path, arch: str) -> None:

@@ -70,11 +70,11 @@ def serve(
 ) -> Iterator[str]:
     """``tandem serve --model MODEL_DIR EXTRA...`` on a free port; yields its URL once
     healthy with at least ``workers`` workers connected (fails after ``timeout`` seconds,
-    or at once if the server exits). ``env``: extra environment variables."""
+    or at once if the server exits). ``env``: extra environment variables. ``model_dir``
+    None: no ``--model`` (the bundled model of ``TANDEM_CACHE_DIR``)."""
     port = free_port()
-    proc = spawn_cli(
-        ["serve", "--model", str(model_dir), "--port", str(port), *extra], env=env or {}
-    )
+    model = [] if model_dir is None else ["--model", str(model_dir)]
+    proc = spawn_cli(["serve", *model, "--port", str(port), *extra], env=env or {})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, [proc], timeout, workers)
@@ -93,3 +93,47 @@ def metrics(url: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+def children(pid: int) -> dict[int, str]:
+    """The live child processes of ``pid``: {pid: command line} (from /proc)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            ppid = int(stat.rpartition(")")[2].split()[1])
+            if ppid != pid or stat.rpartition(")")[2].split()[0] == "Z":
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                out[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue  # it exited meanwhile
+    return out
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A throwaway ``redis-server`` on a free loopback port; yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError("redis-server did not start") from None
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

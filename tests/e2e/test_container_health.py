@@ -48,8 +48,9 @@ def test_fake_engine_worker_becomes_healthy_and_unhealthy_when_it_dies(tmp_path,
     state = tmp_path / "state.json"
     env = {**os.environ, "TANDEM_STATE_FILE": str(state), "TANDEM_REGISTRY": redis_url}
     # --fake-engine: no model, no torch; the worker registers like any other (port 0 = free)
+    role = ["decode-worker", "--fake-engine", "--quiet", "--ready-fd", "1"]  # handshake only
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem.container", "run", "decode-worker", "--fake-engine"],
+        [sys.executable, "-m", "tandem.container", "run", *role],
         env=env,
         stdout=subprocess.PIPE,
         text=True,

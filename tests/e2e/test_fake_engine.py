@@ -26,6 +26,9 @@ STREAMS = 50
 
 
 def _wait_ready(proc: subprocess.Popen, timeout: float = 30.0) -> str:
+    """The worker's address from its ready line. ``proc.stdout`` must be unbuffered
+    (``bufsize=0``): a buffered reader could hold the ready line after an earlier one, where
+    ``select`` no longer sees it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if select.select([proc.stdout], [], [], 0.2)[0]:
@@ -47,8 +50,8 @@ def stack(tiny_llama_dir):
     cli = [sys.executable, "-m", "tandem.cli"]
     worker = subprocess.Popen(
         [*cli, "decode-worker", "--fake-engine", "--fake-step-ms", "5", "--model",
-         str(tiny_llama_dir), "--kv-blocks", "512"],
-        env=env, stdout=subprocess.PIPE,
+         str(tiny_llama_dir), "--kv-blocks", "512", "--ready-fd", "1"],
+        env=env, stdout=subprocess.PIPE, bufsize=0,
     )  # fmt: skip
     procs = [worker]
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -233,14 +235,27 @@ def test_greedy_decoding_is_peaked_and_varied(arch: str, tiny_model_dirs: dict[s
     assert stats.min_distinct_per_prompt >= 6
 
 
-def test_default_model_dir_builds_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path
+def test_default_model_dir_builds_once_says_so_and_is_readable(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tiny_llama_dir: Path,
 ) -> None:
     monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
-    first = default_model_dir()
+    old_umask = os.umask(0o077)  # a private umask: the cache must still be readable by others
+    try:
+        first = default_model_dir()
+    finally:
+        os.umask(old_umask)
     assert first == tmp_path / "models" / "tiny-llama-s0"
     for name in ("model.safetensors", *TOKENIZER_FILES):
         assert (first / name).read_bytes() == (tiny_llama_dir / name).read_bytes()
+    err = capsys.readouterr().err
+    assert "building the bundled tiny model into " in err, err  # ~/... under $HOME
+    assert "models/tiny-llama-s0 ... (first run only)" in err, err
+    assert stat.S_IMODE(first.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in first.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o644) and "model.safetensors" in modes  # was 0600
 
     def must_not_build(*args: object, **kwargs: object) -> Path:
         raise AssertionError("default_model_dir rebuilt an existing model")
@@ -248,6 +263,14 @@ def test_default_model_dir_builds_once(
     monkeypatch.setattr(tiny_build, "make_tiny_model", must_not_build)
     assert default_model_dir() == first
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny-llama-s0"]
+    assert capsys.readouterr().err == ""  # first run only
+
+
+def test_make_tiny_model_files_are_readable_under_the_usual_umask(tiny_llama_dir: Path) -> None:
+    """The session's model was written under the test run's umask (022 here): every file is
+    0644, the safetensors file included (safetensors itself writes 0600)."""
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tiny_llama_dir.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o644), modes
 
 
 def test_default_model_dir_survives_a_lost_race(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +60,14 @@ def test_cli_names_the_flag_for_an_unknown_random_model(cache):
     )
     assert proc.returncode == 2
     assert "unknown random model 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resolved_folder_is_readable_by_others_whatever_the_umask(cache):
+    old = os.umask(0o077)
+    try:
+        path = Path(random_model.resolve_model("random:llama-3-debug"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755  # mkdtemp made it 0700
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o644), modes
