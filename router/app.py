@@ -20,8 +20,9 @@ Live migration (``router.migration``): every request in flight is tracked as a
 without a gap in the stream; the rebalancer and drain pick what to move.
 
 Endpoints: POST /v1/completions, /v1/chat/completions, /generate; GET /v1/models,
-/health, /metrics; the admin endpoints of ``router.admin`` (/admin/migrate,
-/admin/drain/{worker}, /admin/workers).
+/health, /metrics, /openapi.json (``router.openapi``); the admin endpoints of
+``router.admin`` (/admin/migrate, /admin/drain/{worker}, /admin/workers). Who may call
+which is ``router.auth``'s middleware (API, admin and metrics keys; per-key concurrency).
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from typing import Any
 
 from aiohttp import web
 
+from router import openapi
 from router.admin import Admin
 from router.admission import DISPATCH, AdmissionQueue
+from router.auth import Auth, AuthConfig
 from router.metrics import RouterMetrics
 from router.migration import MigrationConfig, Migrator
 from router.openai_api import (
@@ -79,6 +82,9 @@ class RouterConfig:
     max_body_bytes: int = 16 * 2**20  # larger request bodies get 413
     header_timeout: float = 15.0  # a connection must send a whole request head within this
     body_timeout: float = 30.0  # ... and its body within this once the head is in
+    max_prompt_tokens: int | None = None  # longer prompts get 400 (None: the context)
+    max_tokens_limit: int | None = None  # larger max_tokens get 400 (None: what fits)
+    auth: AuthConfig = AuthConfig()  # API, admin and metrics keys (router.auth)
 
     def __post_init__(self) -> None:
         if self.dispatch not in DISPATCH:
@@ -97,6 +103,10 @@ class RouterConfig:
             )
         if self.header_timeout <= 0 or self.body_timeout <= 0:
             raise ValueError("--header-timeout and --body-timeout must be > 0")
+        for flag, value in (("--max-prompt-tokens", self.max_prompt_tokens),
+                            ("--max-tokens-limit", self.max_tokens_limit)):  # fmt: skip
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
 
 
 class Router:
@@ -285,8 +295,14 @@ class Router:
         return await self._accept(request, parse, self._run)
 
     def limits(self) -> Limits:
+        c = self.config
         return Limits(
-            self.config.served_model_name, self.max_model_len, self.vocab_size, self.max_token_chars
+            c.served_model_name,
+            self.max_model_len,
+            self.vocab_size,
+            self.max_token_chars,
+            max_prompt_tokens=c.max_prompt_tokens,
+            max_tokens=c.max_tokens_limit,
         )
 
     async def _accept(self, request: web.Request, parse, run) -> web.StreamResponse:
@@ -743,9 +759,14 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
 
 def build_app(config: RouterConfig) -> web.Application:
     router = Router(config)
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[openai_errors])
+    # openai_errors outermost: a refusal by auth, and anything a handler raises, is JSON.
+    auth = Auth(config.auth)
+    app = web.Application(
+        client_max_size=config.max_body_bytes, middlewares=[openai_errors, auth.middleware]
+    )
     app[ROUTER_KEY] = router
     app.add_routes(router.routes())
+    app.add_routes(openapi.routes(config.served_model_name, config.max_tokens_limit))
     app.on_startup.append(router.start)
     app.on_cleanup.append(router.stop)
     return app

@@ -6,6 +6,11 @@ top_k, min_p, max_tokens / max_completion_tokens, stop, seed, logprobs / top_log
 presence/frequency/repetition penalty, n=1, stream, stream_options.include_usage, and the
 extensions priority, ignore_eos, min_tokens, stop_token_ids.
 
+Limits (each a 400 naming its field): the prompt's tokens (the context, or
+``Limits.max_prompt_tokens``), ``max_tokens`` (must fit the context with the prompt, and
+be at most ``Limits.max_tokens``), at most ``MAX_STOP`` stop strings, ``logprobs`` /
+``top_logprobs`` in [0, ``MAX_LOGPROBS``].
+
 Contract: whatever a client sends, parsing either returns a request every later stage can
 carry (every integer fits the 64-bit wire format, every token id is inside the vocabulary,
 every string is valid Unicode, booleans are booleans) or raises ``ApiError`` (4xx). Text
@@ -58,6 +63,9 @@ _KNOWN = {
 _UNSUPPORTED = {"echo": False, "best_of": 1, "logit_bias": None, "suffix": None}
 
 
+MAX_STOP = 16  # stop strings per request
+MAX_LOGPROBS = 20  # logprobs (completions) / top_logprobs (chat) per token
+
 # Integers cross msgpack (signed or unsigned 64-bit); anything wider is refused up front.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -76,10 +84,20 @@ class Limits:
     max_model_len: int
     vocab_size: int
     max_token_chars: int = 64
+    # The operator's caps: --max-prompt-tokens (None: the context) and --max-tokens-limit,
+    # the largest max_tokens accepted (None: any that fits the context).
+    max_prompt_tokens: int | None = None
+    max_tokens: int | None = None
+
+    @property
+    def prompt_token_limit(self) -> int:
+        """The most prompt tokens accepted: the context, or the operator's cap if lower."""
+        cap = self.max_prompt_tokens
+        return self.max_model_len if cap is None else min(cap, self.max_model_len)
 
     @property
     def max_prompt_chars(self) -> int:
-        return max(self.max_model_len, 1) * max(self.max_token_chars, 1) * 4
+        return max(self.prompt_token_limit, 1) * max(self.max_token_chars, 1) * 4
 
 
 def _number(body: dict, key: str, default: Any, kind: type = float) -> Any:
@@ -159,9 +177,21 @@ def _check_length(chars: int, limits: Limits, what: str) -> None:
     if chars > limits.max_prompt_chars:
         raise ApiError(
             400,
-            f"{what} is {chars} characters long, more than this model's context of "
-            f"{limits.max_model_len} tokens could hold",
+            f"{what} is {chars} characters long, more than {limits.prompt_token_limit} "
+            "tokens (this server's prompt limit) could hold",
             "messages" if what == "the conversation" else "prompt",
+        )
+
+
+def _check_prompt_tokens(n: int, limits: Limits, param: str) -> None:
+    """Refuse a prompt longer than the operator's cap (``--max-prompt-tokens``); one that
+    merely does not fit the context with max_tokens is ``_common``'s 400."""
+    cap = limits.max_prompt_tokens
+    if cap is not None and n > cap:
+        raise ApiError(
+            400,
+            f"the prompt has {n} tokens, more than this server's limit of {cap} prompt tokens",
+            param,
         )
 
 
@@ -188,6 +218,10 @@ def _common(
         max_tokens = default_max_tokens
     elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ApiError(400, f"'{key}' must be an integer >= 1", key)
+    elif limits.max_tokens is not None and max_tokens > limits.max_tokens:
+        raise ApiError(
+            400, f"'{key}' is {max_tokens}; this server accepts at most {limits.max_tokens}", key
+        )
     if prompt_len + max_tokens > max_model_len:
         raise ApiError(
             400,
@@ -200,20 +234,34 @@ def _common(
         stop = ()
     elif isinstance(stop, str):
         stop = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 16:
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        if len(stop) > MAX_STOP:
+            raise ApiError(
+                400, f"'stop' has {len(stop)} strings; at most {MAX_STOP} are accepted", "stop"
+            )
         stop = tuple(stop)
     else:
-        raise ApiError(400, "'stop' must be a string or a list of at most 16 strings", "stop")
+        raise ApiError(
+            400, f"'stop' must be a string or a list of at most {MAX_STOP} strings", "stop"
+        )
     if chat:
         lp = body.get("logprobs")
         if lp not in (None, True, False):
             raise ApiError(400, "'logprobs' must be a boolean for chat", "logprobs")
         top = _number(body, "top_logprobs", 0, int)
+        if not 0 <= top <= MAX_LOGPROBS:
+            raise ApiError(
+                400, f"'top_logprobs' must be an integer in [0, {MAX_LOGPROBS}]", "top_logprobs"
+            )
         logprobs = top if lp else None
     else:
         logprobs = body.get("logprobs")
-        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
-            raise ApiError(400, "'logprobs' must be an integer", "logprobs")
+        if logprobs is not None and (
+            isinstance(logprobs, bool)
+            or not isinstance(logprobs, int)
+            or not 0 <= logprobs <= MAX_LOGPROBS
+        ):
+            raise ApiError(400, f"'logprobs' must be an integer in [0, {MAX_LOGPROBS}]", "logprobs")
     stream_options = body.get("stream_options")
     if stream_options is None:
         stream_options = {}
@@ -278,7 +326,9 @@ def parse_completion(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest
         )
     if not ids:
         raise ApiError(400, "'prompt' tokenizes to no tokens", "prompt")
-    params, stream, usage, prio, logprobs = _common(body, 16, limits, len(ids), chat=False)
+    _check_prompt_tokens(len(ids), limits, "prompt")
+    default = min(16, limits.max_tokens or 16)
+    params, stream, usage, prio, logprobs = _common(body, default, limits, len(ids), chat=False)
     return ParsedRequest(ids, params, stream, usage, prio, chat=False, logprobs=logprobs)
 
 
@@ -332,7 +382,10 @@ def parse_chat(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
     except Exception as e:  # template errors are the request's problem
         raise ApiError(400, f"chat template: {e}", "messages") from None
     ids = tokenizer.encode(text, add_special_tokens=False)
+    _check_prompt_tokens(len(ids), limits, "messages")
     default = max(1, limits.max_model_len - len(ids))
+    if limits.max_tokens is not None:
+        default = min(default, limits.max_tokens)
     params, stream, usage, prio, logprobs = _common(body, default, limits, len(ids), chat=True)
     return ParsedRequest(ids, params, stream, usage, prio, chat=True, logprobs=logprobs)
 

@@ -161,6 +161,48 @@ def _add_http_args(p: argparse.ArgumentParser) -> None:
         "--body-timeout", type=float, default=30.0, help="seconds to receive a request body (408)"
     )
     p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="longest prompt in tokens (400 past it) (default: the model's context)",
+    )
+    p.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=None,
+        help="largest max_tokens a request may ask for (400 past it) (default: what fits the "
+        "context)",
+    )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/*, /generate and the other API "
+        "routes (repeatable; also TANDEM_API_KEY, comma-separated; prefer the environment: "
+        "flags show in ps) (default: open)",
+    )
+    p.add_argument(
+        "--admin-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /admin/* (also TANDEM_ADMIN_KEY) "
+        "(default: /admin/* only when listening on loopback only)",
+    )
+    p.add_argument(
+        "--metrics-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /metrics (also TANDEM_METRICS_KEY) "
+        "(default: open)",
+    )
+    p.add_argument(
+        "--max-concurrent-per-key",
+        type=int,
+        default=None,
+        help="requests in flight per API key before 429 (needs --api-key) (default: no limit)",
+    )
+    p.add_argument(
         "--access-log",
         nargs="?",
         const="-",

@@ -13,6 +13,10 @@ from the environment is visible here and nowhere else.
   (``source:first|middle|final``, ``dest:first|middle|final|commit``) that makes that
   migration abort at that point. Test only; off by default, and then a ``fault`` gets a 400.
   Read by the router and by the decode workers (``tandem serve`` passes it to both).
+- ``TANDEM_API_KEY`` (comma-separated: several keys), ``TANDEM_ADMIN_KEY``,
+  ``TANDEM_METRICS_KEY``: the router's HTTP keys, added to ``--api-key`` / used when
+  ``--admin-key`` / ``--metrics-key`` is not given (``router.auth``). The environment keeps
+  keys out of ``ps``; they are never logged.
 - Container settings (``tandem.container``, the Docker images' entrypoint; each becomes a
   flag of the service, and a flag given on the command line wins): ``TANDEM_MODEL``
   (--model), ``TANDEM_REGISTRY`` (--registry), ``TANDEM_HOST`` (--host), ``TANDEM_PORT``
@@ -64,3 +68,19 @@ def container_settings() -> dict[str, str]:
 def migration_faults_enabled() -> bool:
     """Whether injected migration faults are allowed (tests only)."""
     return os.environ.get("TANDEM_MIGRATION_FAULTS", "") == "1"
+
+
+def api_keys() -> tuple[str, ...]:
+    """``TANDEM_API_KEY`` split at commas, blanks dropped (unset or empty: none)."""
+    raw = os.environ.get("TANDEM_API_KEY", "")
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+def admin_key() -> str | None:
+    """``TANDEM_ADMIN_KEY``, None when unset or empty."""
+    return os.environ.get("TANDEM_ADMIN_KEY", "").strip() or None
+
+
+def metrics_key() -> str | None:
+    """``TANDEM_METRICS_KEY``, None when unset or empty."""
+    return os.environ.get("TANDEM_METRICS_KEY", "").strip() or None

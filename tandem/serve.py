@@ -89,6 +89,9 @@ def run_router(
             max_body_bytes=int(args.max_body_mb * 2**20),
             header_timeout=args.header_timeout,
             body_timeout=args.body_timeout,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens_limit=args.max_tokens_limit,
+            auth=auth_config(args, sock),
         )
         app = build_app(config)
     except (ValueError, OSError) as e:
@@ -123,6 +126,23 @@ def run_router(
     )
 
 
+def auth_config(args: argparse.Namespace, sock: socket.socket | None = None):
+    """The router's ``AuthConfig`` from the flags and ``tandem.env`` (flag keys and
+    TANDEM_API_KEY together; a flag's admin or metrics key wins over the environment's).
+    Loopback-only is judged from the bound socket when there is one, else ``--host``."""
+    from router.auth import AuthConfig, listens_on_loopback
+    from tandem import env
+
+    host = sock.getsockname()[0] if sock is not None else args.host
+    return AuthConfig(
+        api_keys=tuple(dict.fromkeys([*args.api_key, *env.api_keys()])),
+        admin_key=args.admin_key or env.admin_key(),
+        metrics_key=args.metrics_key or env.metrics_key(),
+        loopback_only=listens_on_loopback(host),
+        max_concurrent_per_key=args.max_concurrent_per_key,
+    )
+
+
 def describe_router(args: argparse.Namespace, model: str) -> Callable[[Router, str], str]:
     def describe(router: Router, url: str) -> str:
         return summary.router_summary(
@@ -131,6 +151,7 @@ def describe_router(args: argparse.Namespace, model: str) -> Callable[[Router, s
             model,
             [summary.WorkerLine(w.address, w.hello) for w in router.workers],
             limits=summary.limits_text(args.max_in_flight, args.request_timeout),
+            auth=router.config.auth.describe(),
             registry=args.registry,
             access_log=args.access_log,
         )
@@ -176,6 +197,7 @@ def serve(
             router.config.served_model_name,
             lines,
             limits=summary.limits_text(args.max_in_flight, args.request_timeout),
+            auth=router.config.auth.describe(),
             restart=supervisor.restart,
             access_log=args.access_log,
         )

@@ -74,6 +74,7 @@ def serve_summary(
     workers: Sequence[WorkerLine],
     *,
     limits: str,
+    auth: str | None = None,
     restart: bool,
     access_log: str | None,
 ) -> str:
@@ -90,6 +91,7 @@ def serve_summary(
         _field("model", _model(first)),
         _field("engine", _engine(first)),
         _field("limits", limits),
+        *([_field("auth", auth)] if auth else []),
         _field("workers", f"{len(workers)}, {restart_text}"),
         *_worker_lines(workers),
         _field("access log", _access(access_log)),
@@ -106,6 +108,7 @@ def router_summary(
     workers: Sequence[WorkerLine],
     *,
     limits: str,
+    auth: str | None = None,
     registry: str | None,
     access_log: str | None,
 ) -> str:
@@ -115,6 +118,7 @@ def router_summary(
         f"tandem router: {served_model_name!r} at {url} (OpenAI API under /v1)",
         _field("model", f"{model_dir} (tokenizer and chat template)"),
         _field("limits", limits),
+        *([_field("auth", auth)] if auth else []),
         _field("workers", found),
         *_worker_lines(workers),
         _field("access log", _access(access_log)),
