@@ -209,6 +209,7 @@ EOF
     else # until `tandem loadgen` exists in this tree: the same shape of load with curl
         seq "$1" | xargs -P 16 -I{} curl -s -m 120 -o /dev/null -w '%{http_code}\n' \
             "$URL/v1/completions" -H 'Content-Type: application/json' \
+            ${TANDEM_API_KEY:+-H "Authorization: Bearer ${TANDEM_API_KEY%%,*}"} \
             -d '{"prompt": "smoke request {} with a prompt of some length", "max_tokens": '"$out_len"', "ignore_eos": true}' \
             >"$2/codes"
         local ok
