@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from tandem import auth as cluster_auth
 from tandem import protocol
 from tandem.registry import Registry, WorkerInfo
 
@@ -64,8 +65,10 @@ class WorkerService:
         worker_id: str | None = None,
         advertise_host: str | None = None,
         ttl: float = 5.0,
+        cluster_secret: bytes | None = None,
     ) -> None:
         self.engine = engine
+        self.cluster_secret = cluster_secret  # tandem.auth: peers must prove it when set
         self.host, self.port, self.role = host, port, role
         self.registry, self.ttl = registry, ttl
         self.worker_id = worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
@@ -226,9 +229,19 @@ class WorkerService:
         return await asyncio.wrap_future(done)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = self.hello()
+        if self.cluster_secret is not None:  # tandem.auth: the peer must prove the secret
+            hello["challenge"] = cluster_auth.new_challenge()
+        writer.write(protocol.encode(hello))
+        if self.cluster_secret is not None:
+            peer = str(writer.get_extra_info("peername"))
+            if not await cluster_auth.accept(
+                reader, writer, self.cluster_secret, hello["challenge"], peer
+            ):
+                writer.close()
+                return
         conn = _Conn(writer)
         self._conns.add(conn)
-        writer.write(protocol.encode(self.hello()))
         try:
             while True:
                 msg = await protocol.read_frame(reader)

@@ -35,7 +35,7 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
@@ -85,6 +85,7 @@ class RouterConfig:
     max_prompt_tokens: int | None = None  # longer prompts get 400 (None: the context)
     max_tokens_limit: int | None = None  # larger max_tokens get 400 (None: what fits)
     auth: AuthConfig = AuthConfig()  # API, admin and metrics keys (router.auth)
+    cluster_secret: bytes | None = field(default=None, repr=False)  # tandem.auth, to workers
 
     def __post_init__(self) -> None:
         if self.dispatch not in DISPATCH:
@@ -183,7 +184,7 @@ class Router:
             await w.close()  # its in-flight requests are re-run on the others
 
     def _client(self, address: str) -> WorkerClient:
-        client = WorkerClient(address)
+        client = WorkerClient(address, self.config.cluster_secret)
         client.listener = self.migrator.on_reply
         return client
 

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tandem import auth as cluster_auth
 from tandem import protocol
 
 log = logging.getLogger("tandem.router")
@@ -32,7 +33,7 @@ DOWN_STATS: dict[str, Any] = {"up": 0}  # shared, never mutated: stats are repla
 
 
 class WorkerClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, cluster_secret: bytes | None = None) -> None:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"worker address must be HOST:PORT, got {address!r}")
@@ -47,6 +48,7 @@ class WorkerClient:
         self._incoming: set[str] = set()  # expected as a migration destination, not yet moved
         self.listener: Callable[[WorkerClient, dict[str, Any]], None] | None = None
         self.draining = False  # set by the router: no new requests, migrate everything off
+        self._secret = cluster_secret  # tandem.auth: proven in the hello when set
 
     @property
     def connected(self) -> bool:
@@ -72,6 +74,13 @@ class WorkerClient:
         hello = await protocol.read_frame(reader)
         if hello.get("type") != "hello":
             raise protocol.ProtocolError(f"worker {self.address} did not say hello")
+        try:
+            await cluster_auth.answer(reader, writer, self._secret, hello, self.address)
+        except (protocol.ProtocolError, asyncio.TimeoutError) as e:
+            writer.close()
+            if isinstance(e, cluster_auth.ClusterAuthError):
+                log.warning("%s", e)
+            raise
         self.hello, self._writer = hello, writer
         self.stats = {"up": 1}
         self._reader_task = asyncio.create_task(self._read_loop(reader))

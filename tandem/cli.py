@@ -257,7 +257,27 @@ def _add_migration_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_cluster_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cluster-secret-file",
+        default=None,
+        metavar="FILE",
+        help="shared secret (at least 16 bytes) that router and workers prove to each other "
+        "on every control connection (tandem.auth); also TANDEM_CLUSTER_SECRET (default: none)",
+    )
+
+
+def _cluster_secret(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bytes | None:
+    from tandem.auth import load_secret
+
+    try:
+        return load_secret(args.cluster_secret_file)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def _add_worker_args(p: argparse.ArgumentParser) -> None:
+    _add_cluster_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="control-plane host to listen on")
     p.add_argument(
         "--port", type=int, default=0, help="control port (default: a free one, printed)"
@@ -355,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_engine_args(p)
     _add_http_args(p)
+    _add_cluster_arg(p)
     backoff = Backoff()
     p.add_argument(
         "--no-restart-workers",
@@ -417,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cost model JSON for skip-join admission (default: a generic one)",
     )
     _add_http_args(p)
+    _add_cluster_arg(p)
     _add_migration_args(p)
 
     for name, help_text in (
@@ -601,6 +623,7 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         worker_id=args.worker_id,
         advertise_host=args.advertise_host,
         ttl=args.registry_ttl,
+        cluster_secret=_cluster_secret(args, parser),
     )
     prefill = args.command == "prefill-worker"
     colocated = not prefill and (args.colocated or args.fake_engine)
@@ -757,6 +780,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         engine_flags.append("--enforce-eager")
     if args.no_async_scheduling:
         engine_flags.append("--no-async-scheduling")
+    if args.cluster_secret_file:  # TANDEM_CLUSTER_SECRET reaches the workers by inheritance
+        engine_flags += ["--cluster-secret-file", args.cluster_secret_file]
     if args.decode_workers:
         kv = ["--kv-transfer", placement.kv_transfer]
         lease = ["--migration-lease", str(args.migration_lease)]

@@ -17,6 +17,8 @@ from the environment is visible here and nowhere else.
   ``TANDEM_METRICS_KEY``: the router's HTTP keys, added to ``--api-key`` / used when
   ``--admin-key`` / ``--metrics-key`` is not given (``router.auth``). The environment keeps
   keys out of ``ps``; they are never logged.
+- ``TANDEM_CLUSTER_SECRET``: the secret router and workers prove to each other on every
+  control connection (``tandem.auth``), unless ``--cluster-secret-file`` is given.
 - Container settings (``tandem.container``, the Docker images' entrypoint; each becomes a
   flag of the service, and a flag given on the command line wins): ``TANDEM_MODEL``
   (--model), ``TANDEM_REGISTRY`` (--registry), ``TANDEM_HOST`` (--host), ``TANDEM_PORT``
@@ -84,3 +86,8 @@ def admin_key() -> str | None:
 def metrics_key() -> str | None:
     """``TANDEM_METRICS_KEY``, None when unset or empty."""
     return os.environ.get("TANDEM_METRICS_KEY", "").strip() or None
+
+
+def cluster_secret() -> str | None:
+    """``TANDEM_CLUSTER_SECRET``, None when unset or empty."""
+    return os.environ.get("TANDEM_CLUSTER_SECRET", "").strip() or None

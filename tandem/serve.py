@@ -67,6 +67,7 @@ def run_router(
 
     from router.app import ROUTER_KEY, RouterConfig, build_app, run_kwargs
     from router.migration import MigrationConfig
+    from tandem.auth import load_secret
 
     try:
         migration = MigrationConfig(
@@ -92,6 +93,7 @@ def run_router(
             max_prompt_tokens=args.max_prompt_tokens,
             max_tokens_limit=args.max_tokens_limit,
             auth=auth_config(args, sock),
+            cluster_secret=load_secret(args.cluster_secret_file),
         )
         app = build_app(config)
     except (ValueError, OSError) as e:
@@ -143,6 +145,11 @@ def auth_config(args: argparse.Namespace, sock: socket.socket | None = None):
     )
 
 
+def _auth_line(router: Router) -> str:
+    cluster = "cluster secret on" if router.config.cluster_secret else "no cluster secret"
+    return f"{router.config.auth.describe()}; {cluster}"
+
+
 def describe_router(args: argparse.Namespace, model: str) -> Callable[[Router, str], str]:
     def describe(router: Router, url: str) -> str:
         return summary.router_summary(
@@ -151,7 +158,7 @@ def describe_router(args: argparse.Namespace, model: str) -> Callable[[Router, s
             model,
             [summary.WorkerLine(w.address, w.hello) for w in router.workers],
             limits=summary.limits_text(args.max_in_flight, args.request_timeout),
-            auth=router.config.auth.describe(),
+            auth=_auth_line(router),
             registry=args.registry,
             access_log=args.access_log,
         )
@@ -197,7 +204,7 @@ def serve(
             router.config.served_model_name,
             lines,
             limits=summary.limits_text(args.max_in_flight, args.request_timeout),
-            auth=router.config.auth.describe(),
+            auth=_auth_line(router),
             restart=supervisor.restart,
             access_log=args.access_log,
         )
