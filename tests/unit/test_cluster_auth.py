@@ -144,3 +144,12 @@ def test_load_secret_from_env_and_file(monkeypatch, tmp_path):
     assert "short-one" not in str(info.value)
     with pytest.raises(ValueError, match="--cluster-secret-file"):
         auth.load_secret(str(tmp_path / "missing"))
+
+
+def test_auth_modules_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, tandem.auth, router.auth, router.openapi; "
+            "assert 'torch' not in sys.modules")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True)
