@@ -173,6 +173,8 @@ USER_GROUP="$(id -u):$(id -g)"
 export TANDEM_IMAGE="$IMAGE" REDIS_IMAGE="$REDIS_IMG" TANDEM_MODEL_DIR="$WORK/model" \
     TANDEM_HTTP_PORT="$HTTP_PORT" TANDEM_REDIS_PORT="$REDIS_PORT" \
     TANDEM_LOADGEN_USER="$USER_GROUP" TANDEM_LOADGEN_OUT="$WORK/results1"
+# Router and workers prove a shared secret on every control connection (tandem.auth).
+export TANDEM_CLUSTER_SECRET="${TANDEM_CLUSTER_SECRET:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
 URL="http://127.0.0.1:$HTTP_PORT"
 log "starting redis (:$REDIS_PORT), 2 prefill, 2 decode, router ($URL)"
 compose up -d --no-build --scale prefill=2 --scale decode=2 >"$WORK/up.log" 2>&1 ||

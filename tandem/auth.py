@@ -91,7 +91,8 @@ async def accept(
         reason = f"no auth frame within {HANDSHAKE_TIMEOUT_S:g} s"
         msg = None
     except (asyncio.IncompleteReadError, ConnectionError):
-        log.warning("refused %s: it closed before authenticating", peer)
+        # A TCP probe (the container healthcheck) does just this: not worth a warning.
+        log.info("refused %s: it closed before authenticating", peer)
         return False
     except protocol.ProtocolError as e:
         reason, msg = f"bad frame ({e})", None
