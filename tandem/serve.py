@@ -205,6 +205,7 @@ def serve(
             lines,
             limits=summary.limits_text(args.max_in_flight, args.request_timeout),
             auth=_auth_line(router),
+            needs_key=bool(router.config.auth.api_keys),
             restart=supervisor.restart,
             access_log=args.access_log,
         )

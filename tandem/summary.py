@@ -75,6 +75,7 @@ def serve_summary(
     *,
     limits: str,
     auth: str | None = None,
+    needs_key: bool = False,
     restart: bool,
     access_log: str | None,
 ) -> str:
@@ -96,7 +97,8 @@ def serve_summary(
         *_worker_lines(workers),
         _field("access log", _access(access_log)),
         _field("try", f"curl -s {url}/v1/completions -H 'Content-Type: application/json' "
-               """-d '{"prompt": "Hello", "max_tokens": 16}'"""),
+               + ('-H "Authorization: Bearer $TANDEM_API_KEY" ' if needs_key else "")
+               + """-d '{"prompt": "Hello", "max_tokens": 16}'"""),
     ]  # fmt: skip
     return "\n".join(lines)
 
