@@ -180,7 +180,8 @@ class Request:
     num_recomputes: int = 0  # preemptions that discarded its KV (recompute, not swap)
     # The token that stopped the request (EOS or a stop token id), if any.
     stop_reason: int | str | None = None
-    # Prompt tokens whose K/V came from the prefix cache when it was first admitted.
+    # Prompt tokens whose K/V the prefix cache holds: the expected hit when it arrived,
+    # then the real one when it was first admitted (``sched/prefix_cache.py``).
     num_cached_tokens: int = 0
     # Content names of its full blocks, in order (kvcache/prefix.py), as far as computed
     # so far; the scheduler extends it. Not state: any engine recomputes it from tokens.

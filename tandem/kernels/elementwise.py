@@ -70,6 +70,26 @@ def rms_norm(
 
 
 @triton.jit
+def _cos_sin(POS, INV_FREQ, t, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    """cos and sin of token ``t``'s rotary angles, [1, HALF_PAD] float32 (0 past HALF)."""
+    pos = tl.load(POS + t).to(tl.float32)
+    i = tl.arange(0, HALF_PAD)
+    f = pos * tl.load(INV_FREQ + i, mask=i < HALF, other=0.0)
+    return tl.cos(f)[None, :], tl.sin(f)[None, :]
+
+
+@triton.jit
+def _rotate(src, dst, mask, cos, sin, HALF: tl.constexpr):
+    """Rotate half-split rows: ``src``/``dst`` point at the first halves [heads, HALF_PAD],
+    the second halves are ``HALF`` further. ``dst`` may be ``src`` (in place)."""
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(dst, (a * cos - b * sin).to(x1.dtype), mask=mask)
+    tl.store(dst + HALF, (b * cos + a * sin).to(x1.dtype), mask=mask)
+
+
+@triton.jit
 def _rotary_kernel(
     Q, K, POS, INV_FREQ,
     stride_qt, stride_qh, stride_kt, stride_kh,
@@ -77,28 +97,15 @@ def _rotary_kernel(
     HALF: tl.constexpr, HALF_PAD: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(POS + t).to(tl.float32)
+    cos, sin = _cos_sin(POS, INV_FREQ, t, HALF, HALF_PAD)
     i = tl.arange(0, HALF_PAD)
     imask = (i < HALF)[None, :]
-    f = pos * tl.load(INV_FREQ + i, mask=i < HALF, other=0.0)
-    cos = tl.cos(f)[None, :]
-    sin = tl.sin(f)[None, :]
     hq = tl.arange(0, HQ_PAD)[:, None]
     qp = Q + t * stride_qt + hq * stride_qh + i[None, :]
-    qm = (hq < HQ) & imask
-    q1 = tl.load(qp, mask=qm, other=0.0)
-    q2 = tl.load(qp + HALF, mask=qm, other=0.0)
-    a, b = q1.to(tl.float32), q2.to(tl.float32)
-    tl.store(qp, (a * cos - b * sin).to(q1.dtype), mask=qm)
-    tl.store(qp + HALF, (b * cos + a * sin).to(q1.dtype), mask=qm)
+    _rotate(qp, qp, (hq < HQ) & imask, cos, sin, HALF)
     hk = tl.arange(0, HK_PAD)[:, None]
     kp = K + t * stride_kt + hk * stride_kh + i[None, :]
-    km = (hk < HK) & imask
-    k1 = tl.load(kp, mask=km, other=0.0)
-    k2 = tl.load(kp + HALF, mask=km, other=0.0)
-    a, b = k1.to(tl.float32), k2.to(tl.float32)
-    tl.store(kp, (a * cos - b * sin).to(k1.dtype), mask=km)
-    tl.store(kp + HALF, (b * cos + a * sin).to(k1.dtype), mask=km)
+    _rotate(kp, kp, (hk < HK) & imask, cos, sin, HALF)
 
 
 def rotary_(
@@ -184,32 +191,20 @@ def _rotary_store_kv_kernel(
     HALF: tl.constexpr, HALF_PAD: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(POS + t).to(tl.float32)
+    cos, sin = _cos_sin(POS, INV_FREQ, t, HALF, HALF_PAD)
     i = tl.arange(0, HALF_PAD)
     imask = (i < HALF)[None, :]
-    f = pos * tl.load(INV_FREQ + i, mask=i < HALF, other=0.0)
-    cos = tl.cos(f)[None, :]
-    sin = tl.sin(f)[None, :]
     hq = tl.arange(0, HQ_PAD)[:, None]
     qp = Q + t * stride_qt + hq * stride_qh + i[None, :]
-    qm = (hq < HQ) & imask
-    q1 = tl.load(qp, mask=qm, other=0.0)
-    q2 = tl.load(qp + HALF, mask=qm, other=0.0)
-    a, b = q1.to(tl.float32), q2.to(tl.float32)
-    tl.store(qp, (a * cos - b * sin).to(q1.dtype), mask=qm)
-    tl.store(qp + HALF, (b * cos + a * sin).to(q1.dtype), mask=qm)
+    _rotate(qp, qp, (hq < HQ) & imask, cos, sin, HALF)
     slot = tl.load(SLOTS + t).to(tl.int64)
     if slot >= 0:
         hk = tl.arange(0, HK_PAD)[:, None]
         km = (hk < HK) & imask
         kp = K + t * stride_kt + hk * stride_kh + i[None, :]
-        k1 = tl.load(kp, mask=km, other=0.0)
-        k2 = tl.load(kp + HALF, mask=km, other=0.0)
-        ka, kb = k1.to(tl.float32), k2.to(tl.float32)
         # The cache row of one slot is [Hkv, D] contiguous (head stride = 2 * HALF).
         cp = KC + slot * stride_slot + hk * (2 * HALF) + i[None, :]
-        tl.store(cp, (ka * cos - kb * sin).to(k1.dtype), mask=km)
-        tl.store(cp + HALF, (kb * cos + ka * sin).to(k1.dtype), mask=km)
+        _rotate(kp, cp, km, cos, sin, HALF)
         vp = V + t * stride_vt + hk * stride_vh + i[None, :]
         vc = VC + slot * stride_slot + hk * (2 * HALF) + i[None, :]
         tl.store(vc, tl.load(vp, mask=km), mask=km)

@@ -3,8 +3,8 @@
 Queue i has quantum ``q0 · 2^i`` seconds of service. Rules:
 
 - **Skip-join.** A new request joins the highest-priority queue whose quantum is at least
-  its estimated prefill time (cost model, for its input length), skipping the queues
-  above it. With ``skip_join=False`` every request joins queue 0 (classic MLFQ).
+  its estimated prefill time (cost model, for its input length less the prefix the cache
+  already holds of it), skipping the queues above it. With ``skip_join=False`` every request joins queue 0 (classic MLFQ).
 - **FIFO inside a queue**: by the order the request entered the queue.
 - **Demotion.** A request whose service in its current queue reaches that queue's quantum
   moves down one queue and goes to the *front* of it (it was just running; this keeps
@@ -83,7 +83,8 @@ class MLFQPolicy(SchedulingPolicy):
     def on_arrival(self, request: Request, now: float) -> None:
         if request.request_id in self._state:
             return
-        level = self.join_level(request.num_prompt_tokens)
+        # Skip-join on the prefill it needs: a cached prefix is not recomputed.
+        level = self.join_level(max(request.num_prompt_tokens - request.num_cached_tokens, 1))
         self._state[request.request_id] = _MLFQState(level, next(self._back), 0.0, now)
 
     def before_schedule(self, requests: Iterable[Request], now: float) -> None:

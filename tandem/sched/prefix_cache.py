@@ -107,6 +107,22 @@ class PrefixCache:
             self.hasher.append(names, req.token_slice(len(names) * bs, full * bs))
         return names
 
+    def peek(self, req: Request) -> int:
+        """Prompt tokens a ``take`` now would start the request with (device and host
+        hits, the same limit), changing nothing: no reference, no LRU touch. 0 with
+        caching off. O(blocks matched) after the request's names are computed once."""
+        if not self.enabled:
+            return 0
+        bs = self.block_size
+        known = _known(req)
+        names = self.names(req, known)
+        limit = (known - 1) // bs
+        hit = len(self.device.match_prefix(names, limit))
+        if self.hierarchical and hit < limit:
+            assert self.host is not None
+            hit += len(self.host.match_prefix(names[hit:], limit - hit))
+        return hit * bs
+
     def take(self, req: Request) -> bool:
         """Start a waiting request's table with its cached prefix (see module doc).
         False, taking nothing, on a miss or with caching off."""

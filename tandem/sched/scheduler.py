@@ -159,6 +159,9 @@ class Scheduler:
         self.check_admissible(request)
         self.requests[request.request_id] = request
         request.status = RequestStatus.WAITING
+        # What the cache holds of it now: a policy ranks it by the prefill it will need
+        # (skip-join MLFQ joins on the uncached length). Admission records the real hit.
+        request.num_cached_tokens = self.prefix.peek(request)
         self.policy.on_arrival(request, self.clock())
         self.waiting.append(request)
 

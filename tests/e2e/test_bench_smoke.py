@@ -44,3 +44,21 @@ def test_prefix_cache_bench_smoke(tiny_llama_dir, tmp_path):
     assert on["prefix_cache"]["request_hit_rate"] == 0.5
     assert off["prefix_cache"]["token_hit_rate"] == 0.0
     assert chat["ratios"]["ttft_p50"] > 0 and "off / on" in proc.stdout
+
+
+def test_step_profile_smoke(tmp_path):
+    """bench/gpu_step_profile.py on CPU with tiny shapes: every launched step recorded and
+    classified, the totals add up."""
+    out = tmp_path / "steps.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_step_profile.py", "--device", "cpu", "--dtype", "float32",
+         "--model", "llama-3-debug", "--workload", "uniform", "--num-requests", "4",
+         "--output-len", "4", "--max-input", "64", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = json.loads(out.read_text())["steps"]
+    classes = steps["classes"]
+    assert classes["eager + prefill"]["prefill_tokens_mean"] > 0
+    assert sum(c["steps"] for c in classes.values()) == steps["steps"] >= 4
+    assert steps["gpu_busy_s"] is None and "| step class |" in proc.stdout

@@ -286,3 +286,30 @@ def test_a_chunk_into_a_cached_block_is_refused():
     r.num_computed_tokens = 4  # the simulated bug
     with pytest.raises(KVStateError, match="shared or cached"):
         s.schedule()
+
+
+def test_mlfq_joins_on_the_uncached_prompt_length():
+    """Skip-join ranks a request by the prefill it needs: one whose long prompt is mostly
+    cached joins the same queue as a short uncached one, above an uncached twin."""
+    from tandem.sched.cost_model import CostModel
+    from tandem.sched.mlfq import MLFQPolicy
+
+    # prefill 1 ms/token, q0 = 4 ms: 44 tokens need ~45 ms (queue 4), 8 tokens queue 1.
+    policy = MLFQPolicy(CostModel(prefill_base=0.0, prefill_per_token=1e-3), q0=4e-3)
+    s = Scheduler(
+        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32, policy="mlfq"),
+        CacheConfig(block_size=BLOCK, num_blocks=64, enable_prefix_caching=True),
+        policy=policy,
+        clock=lambda: 0.0,
+    )
+    runner = FakeKVRunner(64, 0, BLOCK)
+    first = Request("first", _prompt(0, 40, 4, 0), SamplingParams(max_tokens=2), 0.0)
+    _drive(s, runner, [(0, first)])
+    shared = Request("shared", _prompt(0, 40, 4, 1), SamplingParams(max_tokens=2), 0.0)
+    fresh = Request("fresh", _prompt(1, 40, 4, 2), SamplingParams(max_tokens=2), 0.0)
+    s.add_request(shared)
+    s.add_request(fresh)
+    assert shared.num_cached_tokens == 40  # 10 full blocks of the shared 40 tokens
+    assert fresh.num_cached_tokens == 0
+    assert policy.level_of("shared") == policy.join_level(4) < policy.level_of("fresh")
+    assert policy.level_of("fresh") == policy.join_level(44)
