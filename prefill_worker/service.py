@@ -28,6 +28,7 @@ from typing import Any
 from decode_worker.service import WorkerService, _Conn
 from kvtransfer import KVBundle, TransferError
 from tandem import protocol
+from tandem.protocol import Handoff, Submit
 
 log = logging.getLogger("tandem.prefill_worker")
 
@@ -43,11 +44,11 @@ class PrefillWorkerService(WorkerService):
         self.handoffs_failed = 0
 
     # ------------------------------------------------------------------ engine thread
-    def _submit(self, conn: _Conn, msg: dict[str, Any]) -> None:
+    def _submit(self, conn: _Conn, msg: Submit) -> None:
         super()._submit(conn, msg)
-        rid = msg.get("request_id")
-        if rid in self._owner and msg.get("decode_kv"):
-            self._dest[rid] = str(msg["decode_kv"])
+        rid = msg.request_id
+        if rid in self._owner and msg.decode_kv:
+            self._dest[rid] = msg.decode_kv
 
     def _abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -97,7 +98,7 @@ class PrefillWorkerService(WorkerService):
             self._owner.pop(rid, None)
             if conn is not None:
                 conn.requests.discard(rid)
-                self._send(conn, {"type": "handoff", "request_id": rid})
+                self._send(conn, Handoff(rid))
             return
         self.handoffs_failed += 1
         if aborted or conn is None:
