@@ -185,6 +185,8 @@ class Router:
         try:
             await client.connect(timeout=timeout)
             self.admission.wake()  # requests waiting for a slot may go now
+        except protocol.ProtocolVersionError as e:  # retried too, but it needs an upgrade
+            log.warning("%s", e)
         except Exception as e:  # refused, reset mid-hello, bad hello: try again later
             log.info("worker %s not reachable yet: %s", client.address, e)
         finally:

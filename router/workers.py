@@ -73,6 +73,11 @@ class WorkerClient:
                 await asyncio.sleep(0.2)
         try:
             hello = await protocol.read_message(reader)
+        except protocol.ProtocolVersionError as e:
+            writer.close()
+            raise protocol.ProtocolVersionError(
+                e.theirs, e.ours, peer=f"worker {self.address}"
+            ) from None
         except protocol.ProtocolError as e:
             writer.close()
             raise protocol.ProtocolError(f"refusing worker {self.address}: {e}") from e

@@ -56,9 +56,9 @@ class ProtocolError(RuntimeError):
 
 
 class ProtocolVersionError(ProtocolError):
-    def __init__(self, theirs: int, ours: int = PROTOCOL_VERSION) -> None:
+    def __init__(self, theirs: Any, ours: int = PROTOCOL_VERSION, peer: str = "peer") -> None:
         super().__init__(
-            f"peer speaks tandem wire protocol v{theirs}, this side speaks v{ours}: "
+            f"{peer} speaks tandem wire protocol v{theirs}, this side speaks v{ours}: "
             "run the same Tandem version on the router and its workers"
         )
         self.theirs, self.ours = theirs, ours
