@@ -37,6 +37,7 @@ from decode_worker.service import WorkerService, _Conn
 from tandem import protocol
 from tandem.migration import TransferId
 from tandem.protocol import Expect, Message, Migrate, MigrateFailed, TokenItem, Tokens, Unexpect
+from tandem.request_state import request_from_state
 
 log = logging.getLogger("tandem.decode_worker")
 
@@ -224,7 +225,7 @@ class DecodeWorkerService(WorkerService):
 
     def _commit(self, rid: str, block_ids: list[int], payload: Any, state: dict[str, Any]) -> None:
         self.claimable(rid)
-        request = protocol.request_from_state(state, time.monotonic())
+        request = request_from_state(state, time.monotonic())
         num_computed = int(state["num_computed_tokens"])
         self.engine.commit_import(
             request, block_ids, payload, num_computed, state.get("policy_state")

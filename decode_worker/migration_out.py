@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvtransfer import KVBundle, TransferError
-from tandem import env, protocol
+from tandem import env
 from tandem.migration import Fault, StagePolicy, TransferId, plan_stage
 from tandem.migration.plan import wants_block
 from tandem.protocol import Message, Migrate, Migrated, MigrateFailed
 from tandem.request import RequestStatus
+from tandem.request_state import request_state
 
 log = logging.getLogger("tandem.decode_worker")
 
@@ -178,7 +179,7 @@ class MigrationOut:
         d = self.engine.detach_request(job.rid, stage.start)
         self._detached[job.rid] = d
         self._stopped_at[job.rid] = time.monotonic()
-        state = protocol.request_state(d.request, d.num_computed_tokens, d.policy_state)
+        state = request_state(d.request, d.num_computed_tokens, d.policy_state)
         state["migration"] = info
         bundle = KVBundle(tid, d.num_computed_tokens - stage.start * bs, d.payload, state, names)
         return stage, bundle, req.num_preemptions

@@ -283,9 +283,7 @@ class WorkerService:
     def _submit(self, conn: _Conn, msg: Submit) -> None:
         rid = msg.request_id
         try:
-            self.engine.add_request(
-                msg.prompt_token_ids, msg.params, rid, priority=msg.priority
-            )
+            self.engine.add_request(msg.prompt_token_ids, msg.params, rid, priority=msg.priority)
         except (ValueError, KeyError, TypeError) as e:
             self._send(conn, Tokens((TokenItem.failed(rid, ErrorKind.INVALID, str(e)),)))
             return
@@ -353,7 +351,9 @@ class WorkerService:
                 # The last field is the output offset of these tokens: a request's tokens may
                 # reach the router on two sockets (prefill, then decode), which reorders them.
                 offset = len(out.token_ids) - len(out.new_token_ids)
-                item = TokenItem(out.request_id, out.new_token_ids, out.finish_reason, None, lp, offset)
+                item = TokenItem(
+                    out.request_id, out.new_token_ids, out.finish_reason, None, lp, offset
+                )
                 if conn is None:
                     self.on_unowned(out.request_id, item)
                     continue

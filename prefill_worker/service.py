@@ -27,8 +27,8 @@ from typing import Any
 
 from decode_worker.service import WorkerService, _Conn
 from kvtransfer import KVBundle, TransferError
-from tandem import protocol
 from tandem.protocol import Handoff, Submit
+from tandem.request_state import request_state
 
 log = logging.getLogger("tandem.prefill_worker")
 
@@ -70,7 +70,7 @@ class PrefillWorkerService(WorkerService):
             req = self.engine.scheduler.requests[rid]
             names = self._block_names(rid, req.num_computed_tokens)
             exported = self.engine.export_request(rid)
-            state = protocol.request_state(
+            state = request_state(
                 exported.request, exported.num_computed_tokens, exported.policy_state
             )
             bundle = KVBundle(rid, exported.num_computed_tokens, exported.payload, state, names)

@@ -376,9 +376,8 @@ class Router:
                     raise ApiError(
                         504, f"request timed out after {self.config.request_timeout:.0f}s"
                     ) from None
-                new_ids, reason, error, logprobs = (
-                    item.new_token_ids, item.finish_reason, item.error, item.logprobs
-                )
+                new_ids, reason, error = item.new_token_ids, item.finish_reason, item.error
+                logprobs = item.logprobs
                 rerunnable = item.error_kind is not None and item.error_kind.rerunnable
                 if rerunnable and reruns < self.config.max_reruns:
                     new_wire = f"{rid}~{reruns + 1}"

@@ -21,7 +21,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from tandem import protocol
@@ -261,8 +260,7 @@ class InOrder:
             return []
         if pos < self.next:  # already delivered (should not happen): drop the overlap
             skip = self.next - pos
-            item = replace(
-                item,
+            item = item._replace(
                 new_token_ids=item.new_token_ids[skip:],
                 logprobs=item.logprobs[skip:] if item.logprobs else None,
                 offset=offset + skip,

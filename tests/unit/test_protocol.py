@@ -43,12 +43,14 @@ MESSAGES = [
     Migrate("r1", "127.0.0.1:9", final_blocks=2, max_stages=8, min_copy_stages=1, fault=None),
     Migrated("r1", blocks=5, stages=2, seconds=0.25, downtime_s=0.01),
     MigrateFailed("r1", "refused", maybe_committed=True),
-    Tokens((
-        TokenItem("r1", [5, 6], None, None, [[-0.1, [[5, -0.1]]], [-0.2, []]], 3),
-        TokenItem("r2", [], "length", None, None, 9),
-        TokenItem.failed("r3", ErrorKind.INVALID, "prompt too long"),
-        TokenItem.lost("r4", "worker w disconnected"),
-    )),  # fmt: skip
+    Tokens(
+        (
+            TokenItem("r1", [5, 6], None, None, [[-0.1, [[5, -0.1]]], [-0.2, []]], 3),
+            TokenItem("r2", [], "length", None, None, 9),
+            TokenItem.failed("r3", ErrorKind.INVALID, "prompt too long"),
+            TokenItem.lost("r4", "worker w disconnected"),
+        )
+    ),  # fmt: skip
     Stats({"running": 3, "waiting": 1, "kv_used": 40, "prefix_summary": [b"\x01\x02"]}),
     HELLO,
 ]
@@ -86,8 +88,10 @@ def test_token_items_are_compact_arrays_with_named_fields():
     ok = TokenItem("r", [1], None, None, None, 0)
     err = TokenItem.failed("r", ErrorKind.ENGINE, "engine error: boom")
     rows = _body(protocol.encode(Tokens((ok, err))))["items"]
-    assert rows == [["r", [1], None, None, None, 0], ["r", [], None, "engine error: boom", None,
-                                                      None, "engine"]]  # fmt: skip
+    assert rows == [
+        ["r", [1], None, None, None, 0, None],
+        ["r", [], None, "engine error: boom", None, None, "engine"],
+    ]
     assert not ok.finished and err.finished and TokenItem("r", [], "stop").finished
 
 
@@ -145,8 +149,12 @@ def test_router_refuses_a_worker_of_another_version():
 
 @pytest.mark.parametrize(
     ("kind", "status"),
-    [(ErrorKind.INVALID, 400), (ErrorKind.WORKER_LOST, 502), (ErrorKind.ENGINE, 500),
-     (ErrorKind.TIMEOUT, 504)],  # fmt: skip
+    [
+        (ErrorKind.INVALID, 400),
+        (ErrorKind.WORKER_LOST, 502),
+        (ErrorKind.ENGINE, 500),
+        (ErrorKind.TIMEOUT, 504),
+    ],  # fmt: skip
 )
 def test_error_kind_chooses_the_http_status(kind, status):
     assert kind.http_status == status
