@@ -348,7 +348,7 @@ class WorkerService:
                     if out.logprobs and out.new_token_ids
                     else None
                 )
-                # The last field is the output offset of these tokens: a request's tokens may
+                # ``offset``: output position of these tokens; a request's tokens may
                 # reach the router on two sockets (prefill, then decode), which reorders them.
                 offset = len(out.token_ids) - len(out.new_token_ids)
                 item = TokenItem(
