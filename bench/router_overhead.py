@@ -218,23 +218,24 @@ async def run_direct(addr: str, n: int, prompt_ids: list[int], max_tokens: int) 
 
     host, _, port = addr.rpartition(":")
     reader, writer = await asyncio.open_connection(host, int(port), limit=2**24)
-    await protocol.read_frame(reader)  # hello
+    await protocol.read_message(reader)  # hello
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
     phase = Phase("direct (worker, no router)", n_streams=n)
     times: dict[str, list[float]] = {f"d{i}": [] for i in range(n)}
     t0 = time.perf_counter()
-    writer.write(b"".join(protocol.encode(protocol.submit(r, prompt_ids, params)) for r in times))
+    submits = (protocol.Submit(r, list(prompt_ids), params) for r in times)
+    writer.write(b"".join(protocol.encode(m) for m in submits))
     left = n
     while left:
-        msg = await protocol.read_frame(reader)
+        msg = await protocol.read_message(reader)
         now = time.perf_counter()
-        if msg["type"] != "tokens":
+        if not isinstance(msg, protocol.Tokens):
             continue
-        for rid, new_ids, reason, error, _ in msg["items"]:
-            times[rid].extend([now] * len(new_ids))
-            if error is not None:
+        for item in msg.items:
+            times[item.request_id].extend([now] * len(item.new_token_ids))
+            if item.error is not None:
                 phase.n_failed += 1
-            if reason is not None or error is not None:
+            if item.finished:
                 left -= 1
     writer.close()
     phase.n_tokens = sum(len(t) for t in times.values())

@@ -36,6 +36,8 @@ from decode_worker.migration_out import MigrationOut
 from decode_worker.service import WorkerService, _Conn
 from tandem import protocol
 from tandem.migration import TransferId
+from tandem.protocol import Expect, Message, Migrate, MigrateFailed, TokenItem, Tokens, Unexpect
+from tandem.request_state import request_from_state
 
 log = logging.getLogger("tandem.decode_worker")
 
@@ -60,7 +62,7 @@ class DecodeWorkerService(WorkerService):
         self.migration_in = MigrationIn(self, migration_lease_s)
         self.migration_out = MigrationOut(self, kv_sender) if kv_sender is not None else None
         self._expected: dict[str, tuple[_Conn, float]] = {}  # engine thread
-        self._buffered: dict[str, list[list[Any]]] = {}
+        self._buffered: dict[str, list[TokenItem]] = {}
         self._buffered_at: dict[str, float] = {}
         self._cancelled: dict[str, float] = {}
 
@@ -86,20 +88,25 @@ class DecodeWorkerService(WorkerService):
         return info
 
     # ------------------------------------------------------------------ router messages
-    def on_message(self, conn: _Conn, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        if kind == "expect":
-            self._post(lambda rid=str(msg["request_id"]): self._expect(conn, rid))
-        elif kind == "unexpect":
-            self._post(lambda rid=str(msg["request_id"]): self._unexpect(conn, rid))
-        elif kind == "migrate" and self.migration_out is not None:
+    def on_message(self, conn: _Conn, msg: Message) -> None:
+        if isinstance(msg, Expect):
+            self._post(lambda rid=str(msg.request_id): self._expect(conn, rid))
+        elif isinstance(msg, Unexpect):
+            self._post(lambda rid=str(msg.request_id): self._unexpect(conn, rid))
+        elif isinstance(msg, Migrate) and self.migration_out is not None:
             self.migration_out.start(conn, msg)
-        elif kind == "migrate":
-            rid = msg.get("request_id")
-            fail = {"type": "migrate_failed", "request_id": rid, "error": "no KV sender here"}
+        elif isinstance(msg, Migrate):
+            fail = MigrateFailed(msg.request_id, "no KV sender here")
             self._post(lambda: self._send(conn, fail))
         else:
             super().on_message(conn, msg)
+
+    def on_bad_message(self, conn: _Conn, e: protocol.BadMessage) -> None:
+        if e.kind == Migrate.TYPE:  # answered, so the router's move ends at once
+            fail = MigrateFailed(e.request_id, f"bad migrate: {e}")
+            self._post(lambda: self._send(conn, fail))
+        else:
+            super().on_bad_message(conn, e)
 
     def _expect(self, conn: _Conn, rid: str) -> None:
         if rid in self._buffered:  # its KV (and maybe all its tokens) came first
@@ -108,8 +115,8 @@ class DecodeWorkerService(WorkerService):
             if self.engine.scheduler.requests.get(rid) is not None:
                 self._own(conn, rid)
             if items:
-                self._send(conn, {"type": "tokens", "items": items})
-            if any(item[2] is not None or item[3] is not None for item in items):
+                self._send(conn, Tokens(tuple(items)))
+            if any(item.finished for item in items):
                 self._owner.pop(rid, None)
                 conn.requests.discard(rid)
             return
@@ -138,7 +145,7 @@ class DecodeWorkerService(WorkerService):
                 self.migration_out.on_abort(rid)
         super()._abort(request_ids)
 
-    def on_unowned(self, request_id: str, item: list[Any]) -> None:
+    def on_unowned(self, request_id: str, item: TokenItem) -> None:
         if request_id in self._buffered:
             self._buffered[request_id].append(item)
 
@@ -218,7 +225,7 @@ class DecodeWorkerService(WorkerService):
 
     def _commit(self, rid: str, block_ids: list[int], payload: Any, state: dict[str, Any]) -> None:
         self.claimable(rid)
-        request = protocol.request_from_state(state, time.monotonic())
+        request = request_from_state(state, time.monotonic())
         num_computed = int(state["num_computed_tokens"])
         self.engine.commit_import(
             request, block_ids, payload, num_computed, state.get("policy_state")

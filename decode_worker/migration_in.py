@@ -22,8 +22,9 @@ import logging
 import time
 from typing import Any
 
-from tandem import env, protocol
+from tandem import env
 from tandem.migration import Fault, MigrationInbox, TransferId
+from tandem.request_state import request_from_state
 
 log = logging.getLogger("tandem.decode_worker")
 
@@ -75,7 +76,7 @@ class MigrationIn:
             self.inbox.stage_done(tid, time.monotonic(), fault)
             return
         self.service.claimable(rid)
-        request = protocol.request_from_state(state, time.monotonic())
+        request = request_from_state(state, time.monotonic())
         if fault is not None and fault.hits("dest", tid.index, True, "commit"):
             self.engine.runner.scatter_blocks(block_ids, payload)
             raise ValueError(f"injected fault {fault}: the final commit failed")

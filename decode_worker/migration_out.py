@@ -35,10 +35,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvtransfer import KVBundle, TransferError
-from tandem import env, protocol
+from tandem import env
 from tandem.migration import Fault, StagePolicy, TransferId, plan_stage
 from tandem.migration.plan import wants_block
+from tandem.protocol import Message, Migrate, Migrated, MigrateFailed
 from tandem.request import RequestStatus
+from tandem.request_state import request_state
 
 log = logging.getLogger("tandem.decode_worker")
 
@@ -85,23 +87,23 @@ class MigrationOut:
         self._waiters: dict[str, tuple[int, asyncio.Future]] = {}  # engine thread
 
     # ------------------------------------------------------------------ asyncio thread
-    def start(self, conn: Any, msg: dict[str, Any]) -> None:
-        rid = str(msg.get("request_id"))
+    def start(self, conn: Any, msg: Migrate) -> None:
+        rid = str(msg.request_id)
         try:
-            dest = str(msg["dest_kv"])
+            dest = str(msg.dest_kv)
             policy = StagePolicy(
-                final_blocks=int(msg.get("final_blocks", 2)),
-                max_stages=int(msg.get("max_stages", 8)),
-                min_copy_stages=int(msg.get("min_copy_stages", 0)),
+                final_blocks=int(msg.final_blocks),
+                max_stages=int(msg.max_stages),
+                min_copy_stages=int(msg.min_copy_stages),
             )
-            fault = Fault.parse(msg.get("fault"))
+            fault = Fault.parse(msg.fault)
             if fault is not None and not env.migration_faults_enabled():
                 raise ValueError("fault injection is off (TANDEM_MIGRATION_FAULTS)")
         except (KeyError, TypeError, ValueError) as e:
-            self._reply(conn, rid, {"type": "migrate_failed", "error": f"bad migrate: {e}"})
+            self._reply(conn, MigrateFailed(rid, f"bad migrate: {e}"))
             return
         if rid in self._active:
-            self._reply(conn, rid, {"type": "migrate_failed", "error": "already migrating"})
+            self._reply(conn, MigrateFailed(rid, "already migrating"))
             return
         self._active.add(rid)
         self.stats.started += 1
@@ -110,8 +112,8 @@ class MigrationOut:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _reply(self, conn: Any, rid: str, msg: dict[str, Any]) -> None:
-        self.service._post(lambda: self.service._send(conn, {**msg, "request_id": rid}))
+    def _reply(self, conn: Any, msg: Message) -> None:
+        self.service._post(lambda: self.service._send(conn, msg))
 
     async def _run(self, job: _Job) -> None:
         t0 = time.monotonic()
@@ -177,7 +179,7 @@ class MigrationOut:
         d = self.engine.detach_request(job.rid, stage.start)
         self._detached[job.rid] = d
         self._stopped_at[job.rid] = time.monotonic()
-        state = protocol.request_state(d.request, d.num_computed_tokens, d.policy_state)
+        state = request_state(d.request, d.num_computed_tokens, d.policy_state)
         state["migration"] = info
         bundle = KVBundle(tid, d.num_computed_tokens - stage.start * bs, d.payload, state, names)
         return stage, bundle, req.num_preemptions
@@ -214,8 +216,7 @@ class MigrationOut:
         conn = self.service._owner.pop(job.rid, None)
         if conn is not None:
             conn.requests.discard(job.rid)
-        msg = {"type": "migrated", "request_id": job.rid, "blocks": blocks, "stages": stages,
-               "seconds": done - t0, "downtime_s": done - stopped}  # fmt: skip
+        msg = Migrated(job.rid, blocks, stages, seconds=done - t0, downtime_s=done - stopped)
         self.service._send(conn or job.conn, msg)
 
     def _failed(self, job: _Job, error: str, maybe_committed: bool) -> None:
@@ -226,8 +227,7 @@ class MigrationOut:
         aborted = job.rid in self._aborted
         self._aborted.discard(job.rid)
         conn = self.service._owner.get(job.rid) or job.conn
-        msg = {"type": "migrate_failed", "request_id": job.rid, "error": error,
-               "maybe_committed": maybe_committed}  # fmt: skip
+        msg = MigrateFailed(job.rid, error, maybe_committed)
         self.service._send(conn, msg)  # before a worker-lost item: the router cancels there first
         log.info("migration of %s aborted: %s", job.rid, error)
         if d is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import signal
@@ -34,10 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 from tandem import auth as cluster_auth
 from tandem import protocol
+from tandem.protocol import ErrorKind, Hello, Message, Stats, Submit, TokenItem, Tokens
 from tandem.registry import Registry, WorkerInfo
 
 if TYPE_CHECKING:  # type only: a worker serving FakeEngine never imports torch
-    from tandem.engine.llm_engine import LLMEngine
+    from tandem.engine.interface import Engine
 
 log = logging.getLogger("tandem.decode_worker")
 
@@ -57,7 +59,7 @@ class _Conn:
 class WorkerService:
     def __init__(
         self,
-        engine: LLMEngine,
+        engine: Engine,
         host: str = "127.0.0.1",
         port: int = 0,
         role: str = "colocated",
@@ -98,13 +100,13 @@ class WorkerService:
         return self.port
 
     def info(self) -> WorkerInfo:
-        hello = self.hello()
+        hello = self.hello_message()
         return WorkerInfo(
             worker_id=self.worker_id,
             role=self.role,
             address=f"{self.advertise_host}:{self.port}",
-            model=hello["model"],
-            capacity={"kv_blocks": hello["kv_blocks"], "max_model_len": hello["max_model_len"]},
+            model=hello.model,
+            capacity={"kv_blocks": hello.kv_blocks, "max_model_len": hello.max_model_len},
             load=dict(self.last_stats),
         )
 
@@ -165,40 +167,50 @@ class WorkerService:
         if self._server is not None:
             self._server.close()
 
-    def hello(self) -> dict[str, Any]:
+    def hello_message(self) -> Hello:
         e = self.engine
-        return {
-            "type": "hello",
-            "role": self.role,
-            "model": e.config.model,
-            "compat": e.compat_hash,
-            "kv_blocks": e.config.cache.num_blocks,
-            "max_num_seqs": e.config.scheduler.max_num_seqs,
-            "max_model_len": e.config.scheduler.max_model_len,
-            "vocab_size": e.model_config.vocab_size,
-            "eos_token_ids": list(e.model_config.eos_token_ids),
-            # What a router needs to name a prompt's blocks as this worker's cache does.
-            "cache_salt": getattr(e, "cache_salt", None),
-            # Start-up summaries (``tandem.summary``); the router's migration reads
-            # block_size and worker_id too (every role has them now, not only decode).
-            "device": e.config.device,
-            "dtype": e.config.dtype,
-            "block_size": e.config.cache.block_size,
-            "host_kv_blocks": e.config.cache.num_host_blocks,
-            "policy": e.config.scheduler.policy,
-            "max_num_batched_tokens": e.config.scheduler.max_num_batched_tokens,
-            "chunked_prefill": e.config.scheduler.enable_chunked_prefill,
-            "worker_id": self.worker_id,
+        return Hello(
+            role=self.role,
+            model=e.config.model,
+            compat=e.compat_hash,
+            kv_blocks=e.config.cache.num_blocks,
+            max_num_seqs=e.config.scheduler.max_num_seqs,
+            max_model_len=e.config.scheduler.max_model_len,
+            vocab_size=e.model_config.vocab_size,
+            eos_token_ids=list(e.model_config.eos_token_ids),
+            cache_salt=getattr(e, "cache_salt", None),
+            device=e.config.device,
+            dtype=e.config.dtype,
+            block_size=e.config.cache.block_size,
+            host_kv_blocks=e.config.cache.num_host_blocks,
+            policy=e.config.scheduler.policy,
+            max_num_batched_tokens=e.config.scheduler.max_num_batched_tokens,
+            chunked_prefill=e.config.scheduler.enable_chunked_prefill,
+            worker_id=self.worker_id,
             **self.extra_hello(),
-        }
+        )
+
+    def hello(self) -> dict[str, Any]:
+        """``hello_message`` by field name (start-up summaries read it)."""
+        return self.hello_message().as_dict()
 
     # Hooks for the prefill / decode roles (subclasses); the colocated worker needs none.
     def extra_hello(self) -> dict[str, Any]:
+        """Role-specific ``Hello`` fields (``kv_address``, ``migration``)."""
         return {}
 
-    def on_message(self, conn: _Conn, msg: dict[str, Any]) -> None:
-        """A message type the base service does not know (asyncio thread)."""
-        log.warning("ignoring unknown message type %r", msg.get("type"))
+    def on_message(self, conn: _Conn, msg: Message) -> None:
+        """A message the base service does not handle (asyncio thread)."""
+        log.warning("ignoring message %r", msg.TYPE)
+
+    def on_bad_message(self, conn: _Conn, e: protocol.BadMessage) -> None:
+        """A frame of a known type with wrong fields (asyncio thread): a submit is
+        answered with an error item, so the router does not wait on it."""
+        if e.kind == Submit.TYPE:
+            item = TokenItem.failed(e.request_id, ErrorKind.INVALID, str(e))
+            self._post(lambda: self._send(conn, Tokens((item,))))
+        else:
+            log.warning("ignoring a bad %r message: %s", e.kind, e)
 
     def on_connection_closed(self, conn: _Conn) -> None:
         """Engine thread: a router connection closed; its requests are aborted."""
@@ -207,7 +219,7 @@ class WorkerService:
     def after_step(self, outputs: list[Any]) -> None:
         """Engine thread, after the step's token frames were queued."""
 
-    def on_unowned(self, request_id: str, item: list[Any]) -> None:
+    def on_unowned(self, request_id: str, item: TokenItem) -> None:
         """Engine thread: tokens of a request no router connection owns (yet)."""
 
     def on_tick(self) -> None:
@@ -229,14 +241,15 @@ class WorkerService:
         return await asyncio.wrap_future(done)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        hello = self.hello()
+        hello = self.hello_message()
         if self.cluster_secret is not None:  # tandem.auth: the peer must prove the secret
-            hello["challenge"] = cluster_auth.new_challenge()
+            hello = dataclasses.replace(hello, challenge=cluster_auth.new_challenge())
         writer.write(protocol.encode(hello))
         if self.cluster_secret is not None:
+            assert hello.challenge is not None
             peer = str(writer.get_extra_info("peername"))
             if not await cluster_auth.accept(
-                reader, writer, self.cluster_secret, hello["challenge"], peer
+                reader, writer, self.cluster_secret, hello.challenge, peer
             ):
                 writer.close()
                 return
@@ -244,12 +257,18 @@ class WorkerService:
         self._conns.add(conn)
         try:
             while True:
-                msg = await protocol.read_frame(reader)
-                kind = msg["type"]
-                if kind == "submit":
+                try:
+                    msg = await protocol.read_message(reader)
+                except protocol.UnknownMessage as e:
+                    log.warning("ignoring unknown message type %r", e.kind)
+                    continue
+                except protocol.BadMessage as e:
+                    self.on_bad_message(conn, e)
+                    continue
+                if isinstance(msg, Submit):
                     self._post(lambda m=msg: self._submit(conn, m))
-                elif kind == "abort":
-                    self._post(lambda ids=list(msg["request_ids"]): self._abort(ids))
+                elif isinstance(msg, protocol.Abort):
+                    self._post(lambda ids=list(msg.request_ids): self._abort(ids))
                 else:
                     self.on_message(conn, msg)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -268,7 +287,7 @@ class WorkerService:
         self._inbox.put(fn)
         self._wake.set()
 
-    def _send(self, conn: _Conn, msg: dict[str, Any]) -> None:
+    def _send(self, conn: _Conn, msg: Message) -> None:
         """Called from the engine thread: hand a frame to the socket's loop."""
         if conn.closed or self._loop is None:
             return
@@ -276,15 +295,12 @@ class WorkerService:
         self._loop.call_soon_threadsafe(conn.writer.write, data)
 
     # ------------------------------------------------------------------ engine thread
-    def _submit(self, conn: _Conn, msg: dict[str, Any]) -> None:
-        rid = msg.get("request_id")
+    def _submit(self, conn: _Conn, msg: Submit) -> None:
+        rid = msg.request_id
         try:
-            params = protocol.params_from_wire(msg["params"])
-            self.engine.add_request(
-                list(msg["prompt_token_ids"]), params, rid, priority=int(msg.get("priority", 0))
-            )
-        except (ValueError, KeyError, TypeError, protocol.ProtocolError) as e:
-            self._send(conn, {"type": "tokens", "items": [[rid, [], None, str(e), None]]})
+            self.engine.add_request(msg.prompt_token_ids, msg.params, rid, priority=msg.priority)
+        except (ValueError, KeyError, TypeError) as e:
+            self._send(conn, Tokens((TokenItem.failed(rid, ErrorKind.INVALID, str(e)),)))
             return
         self._owner[rid] = conn
         conn.requests.add(rid)
@@ -296,16 +312,13 @@ class WorkerService:
             if conn is not None:
                 conn.requests.discard(rid)
                 if out is not None:
-                    self._send(conn, {"type": "tokens", "items": [[rid, [], "abort", None, None]]})
+                    self._send(conn, Tokens((TokenItem(rid, [], "abort"),)))
 
     def _lose(self, conn: _Conn, rid: str, why: str) -> None:
         """Give the request up with a worker-lost error: the router re-runs it elsewhere."""
         self._owner.pop(rid, None)
         conn.requests.discard(rid)
-        self._send(
-            conn,
-            {"type": "tokens", "items": [[rid, [], None, f"{protocol.WORKER_LOST} {why}", None]]},
-        )
+        self._send(conn, Tokens((TokenItem.lost(rid, why),)))
 
     def _engine_loop(self) -> None:
         """Owns the engine. It must not die quietly: a failing callback fails only its own
@@ -342,7 +355,7 @@ class WorkerService:
                 log.exception("engine step failed")
                 self._fail_all(f"engine error: {e}")
                 return
-            batches: dict[int, tuple[_Conn, list[list[Any]]]] = {}
+            batches: dict[int, tuple[_Conn, list[TokenItem]]] = {}
             for out in outputs:
                 conn = self._owner.get(out.request_id)
                 lp = (
@@ -350,10 +363,12 @@ class WorkerService:
                     if out.logprobs and out.new_token_ids
                     else None
                 )
-                # The last field is the output offset of these tokens: a request's tokens may
+                # ``offset``: output position of these tokens; a request's tokens may
                 # reach the router on two sockets (prefill, then decode), which reorders them.
                 offset = len(out.token_ids) - len(out.new_token_ids)
-                item = [out.request_id, out.new_token_ids, out.finish_reason, None, lp, offset]
+                item = TokenItem(
+                    out.request_id, out.new_token_ids, out.finish_reason, None, lp, offset
+                )
                 if conn is None:
                     self.on_unowned(out.request_id, item)
                     continue
@@ -362,7 +377,7 @@ class WorkerService:
                     self._owner.pop(out.request_id, None)
                     conn.requests.discard(out.request_id)
             for conn, items in batches.values():
-                self._send(conn, {"type": "tokens", "items": items})
+                self._send(conn, Tokens(tuple(items)))
             try:
                 self.after_step(outputs)
             except Exception:
@@ -379,15 +394,15 @@ class WorkerService:
                 log.exception("on_tick failed")
             # Computed here, on the engine thread; the heartbeat publishes this copy.
             self.last_stats = self.stats()
-            self._broadcast(self.last_stats)
+            self._broadcast(Stats(self.last_stats))
 
     def _fail_all(self, message: str) -> None:
         for rid, conn in list(self._owner.items()):
             self.engine.abort_request(rid)
-            self._send(conn, {"type": "tokens", "items": [[rid, [], None, message, None]]})
+            self._send(conn, Tokens((TokenItem.failed(rid, ErrorKind.ENGINE, message),)))
         self._owner.clear()
 
-    def _broadcast(self, msg: dict[str, Any]) -> None:
+    def _broadcast(self, msg: Message) -> None:
         for conn in list(self._conns):
             self._send(conn, msg)
 
@@ -395,7 +410,6 @@ class WorkerService:
         s = self.engine.scheduler
         swap = s.swap
         return {
-            "type": "stats",
             "running": len(s.running),
             "waiting": len(s.waiting),
             "swapped": len(s.swapped),

@@ -90,7 +90,7 @@ class NcclSenderChannel(SenderChannel):
 
     async def open(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         uid = await self.worker.submit(self.comms.unique_id)
-        writer.write(protocol.encode({"type": "kv_comm_init", "uid": bytes(uid)}))
+        writer.write(protocol.pack_frame({"type": "kv_comm_init", "uid": bytes(uid)}))
         await writer.drain()
         joined = self.worker.submit(self.comms.connect, uid, 0, self.device, orphan=discard)
         try:
@@ -194,10 +194,10 @@ class NcclReceiverChannel(ReceiverChannel):
             _drop(joined)
             why = "timed out" if isinstance(e, asyncio.TimeoutError) else repr(e)
             log.warning("NCCL communicator set-up with a KV sender failed: %s", why)
-            writer.write(protocol.encode({"type": "kv_comm_failed", "error": why}))
+            writer.write(protocol.pack_frame({"type": "kv_comm_failed", "error": why}))
             await writer.drain()
             raise ConnectionError(f"NCCL communicator set-up failed: {why}") from e
-        writer.write(protocol.encode({"type": "kv_comm_ready"}))
+        writer.write(protocol.pack_frame({"type": "kv_comm_ready"}))
         await writer.drain()
         return True
 

@@ -191,7 +191,7 @@ class TcpKVReceiver(KVReceiver):
 
 
 async def _answer(writer: asyncio.StreamWriter, msg: dict) -> None:
-    writer.write(protocol.encode(msg))
+    writer.write(protocol.pack_frame(msg))
     await writer.drain()
 
 
@@ -334,7 +334,7 @@ class TcpKVSender(KVSender):
         progress.state = TransferState.OFFERED
         try:
             frame = {"type": "kv_offer", "payload": conn.channel.name, **offer.to_dict()}
-            conn.writer.write(protocol.encode(frame))
+            conn.writer.write(protocol.pack_frame(frame))
             await conn.writer.drain()
             reply = await self._reply(conn, offer.request_id)
         except _CONN_ERRORS as e:

@@ -27,7 +27,8 @@ from typing import Any
 
 from decode_worker.service import WorkerService, _Conn
 from kvtransfer import KVBundle, TransferError
-from tandem import protocol
+from tandem.protocol import Handoff, Submit
+from tandem.request_state import request_state
 
 log = logging.getLogger("tandem.prefill_worker")
 
@@ -43,11 +44,11 @@ class PrefillWorkerService(WorkerService):
         self.handoffs_failed = 0
 
     # ------------------------------------------------------------------ engine thread
-    def _submit(self, conn: _Conn, msg: dict[str, Any]) -> None:
+    def _submit(self, conn: _Conn, msg: Submit) -> None:
         super()._submit(conn, msg)
-        rid = msg.get("request_id")
-        if rid in self._owner and msg.get("decode_kv"):
-            self._dest[rid] = str(msg["decode_kv"])
+        rid = msg.request_id
+        if rid in self._owner and msg.decode_kv:
+            self._dest[rid] = msg.decode_kv
 
     def _abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -69,7 +70,7 @@ class PrefillWorkerService(WorkerService):
             req = self.engine.scheduler.requests[rid]
             names = self._block_names(rid, req.num_computed_tokens)
             exported = self.engine.export_request(rid)
-            state = protocol.request_state(
+            state = request_state(
                 exported.request, exported.num_computed_tokens, exported.policy_state
             )
             bundle = KVBundle(rid, exported.num_computed_tokens, exported.payload, state, names)
@@ -97,7 +98,7 @@ class PrefillWorkerService(WorkerService):
             self._owner.pop(rid, None)
             if conn is not None:
                 conn.requests.discard(rid)
-                self._send(conn, {"type": "handoff", "request_id": rid})
+                self._send(conn, Handoff(rid))
             return
         self.handoffs_failed += 1
         if aborted or conn is None:

@@ -56,7 +56,7 @@ from router.openai_api import (
     parse_generate,
 )
 from router.prefix_affinity import PrefixAffinity
-from router.workers import WORKER_LOST, InOrder, Route, WorkerClient
+from router.workers import InOrder, Route, WorkerClient
 from tandem import protocol
 from tandem.detokenizer import IncrementalDetokenizer, special_token_ids
 from tandem.registry import make_registry
@@ -196,6 +196,8 @@ class Router:
         try:
             await client.connect(timeout=timeout)
             self.admission.wake()  # requests waiting for a slot may go now
+        except protocol.ProtocolVersionError as e:  # retried too, but it needs an upgrade
+            log.warning("%s", e)
         except Exception as e:  # refused, reset mid-hello, bad hello: try again later
             log.info("worker %s not reachable yet: %s", client.address, e)
         finally:
@@ -391,12 +393,10 @@ class Router:
                     raise ApiError(
                         504, f"request timed out after {self.config.request_timeout:.0f}s"
                     ) from None
-                _, new_ids, reason, error, logprobs = item[:5]
-                if (
-                    error is not None
-                    and error.startswith(WORKER_LOST)
-                    and reruns < self.config.max_reruns
-                ):
+                new_ids, reason, error = item.new_token_ids, item.finish_reason, item.error
+                logprobs = item.logprobs
+                rerunnable = item.error_kind is not None and item.error_kind.rerunnable
+                if rerunnable and reruns < self.config.max_reruns:
                     new_wire = f"{rid}~{reruns + 1}"
                     worker, queue = self._rerun(wire, new_wire, p, out_ids, worker)
                     self.migrator.retrack(flight, new_wire, worker)
@@ -405,14 +405,8 @@ class Router:
                     order.restart(len(out_ids))
                     continue
                 if error is not None:
-                    status = (
-                        502
-                        if error.startswith(WORKER_LOST)
-                        else 500
-                        if error.startswith("engine error")
-                        else 400
-                    )
-                    raise ApiError(status, error)
+                    kind = item.error_kind or protocol.ErrorKind.ENGINE
+                    raise ApiError(kind.http_status, error)
                 out_ids.extend(new_ids)
                 flight.n_out = len(out_ids)
                 if new_ids and first_at is None:
@@ -521,7 +515,9 @@ class Router:
     def _route_unchecked(
         self, worker: WorkerClient, rid: str, prompt: list[int], params, priority: int
     ):
-        msg = protocol.submit(rid, prompt, params, priority)
+        msg = protocol.Submit(
+            request_id=rid, prompt_token_ids=list(prompt), params=params, priority=priority
+        )
         if worker.role != "decode":
             return Route([worker]), worker.submit(msg)
         prefills = [w for w in self.workers if w.connected and w.role == "prefill"]
@@ -532,7 +528,7 @@ class Router:
         )
         queue: asyncio.Queue = asyncio.Queue()
         worker.expect(rid, queue)  # before the prompt goes out: its tokens come back here
-        prefill.submit({**msg, "decode_kv": worker.hello["kv_address"]}, queue)
+        prefill.submit(replace(msg, decode_kv=worker.hello["kv_address"]), queue)
         return Route([prefill, worker]), queue
 
     def _rerun(
@@ -667,14 +663,12 @@ class Router:
                     item = await order.get(queue, deadline)
                 except asyncio.TimeoutError:
                     worker.abort(rid)
-                    item = [
+                    item = protocol.TokenItem.failed(
                         rid,
-                        [],
-                        None,
+                        protocol.ErrorKind.TIMEOUT,
                         f"request timed out after {self.config.request_timeout:.0f}s",
-                        None,
-                    ]
-                _, new_ids, reason, error, _ = item[:5]
+                    )
+                new_ids, reason, error = item.new_token_ids, item.finish_reason, item.error
                 if error is not None:
                     outcome = "error"
                     await _sse(response, {"error": {"message": error}})

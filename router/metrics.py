@@ -6,6 +6,10 @@ Names start with ``tandem_``. Histograms use fixed latency buckets (seconds).
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tandem.protocol import Migrated
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SHORT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -63,12 +67,12 @@ class RouterMetrics:
             "tandem_migration_blocks", "KV blocks moved per committed migration", BLOCK_BUCKETS
         )
 
-    def observe_migration(self, msg: dict) -> None:
-        """A committed migration's figures (the source's ``migrated`` message)."""
+    def observe_migration(self, msg: Migrated) -> None:
+        """A committed migration's figures (the source's ``Migrated`` message)."""
         self.migrations["committed"] += 1
-        self.migration_seconds.observe(float(msg.get("seconds") or 0.0))
-        self.migration_downtime.observe(float(msg.get("downtime_s") or 0.0))
-        self.migration_blocks.observe(float(msg.get("blocks") or 0))
+        self.migration_seconds.observe(float(msg.seconds))
+        self.migration_downtime.observe(float(msg.downtime_s))
+        self.migration_blocks.observe(float(msg.blocks))
 
     def render(self, workers: dict[str, dict], queue_lengths: dict[int, int] | None = None) -> str:
         lines = [

@@ -33,6 +33,7 @@ from typing import Any
 
 from router.rebalance import Candidate, WorkerLoad, blocks_for, pick_migration
 from router.workers import Route, WorkerClient, lost_item
+from tandem.protocol import Migrate, Migrated, MigrateFailed
 
 log = logging.getLogger("tandem.router")
 
@@ -181,9 +182,14 @@ class Migrator:
         queue = src.queue_of(flight.wire)
         if flight.n_out < 2 or queue is None:
             raise MigrationError(409, f"request {flight.rid} is not decoding on {src.address} yet")
-        msg = {"type": "migrate", "request_id": flight.wire, "dest_kv": dst.hello["kv_address"],
-               "final_blocks": self.config.final_blocks, "max_stages": self.config.max_stages,
-               "min_copy_stages": min_copy_stages, "fault": fault}  # fmt: skip
+        msg = Migrate(
+            request_id=flight.wire,
+            dest_kv=dst.hello["kv_address"],
+            final_blocks=self.config.final_blocks,
+            max_stages=self.config.max_stages,
+            min_copy_stages=min_copy_stages,
+            fault=fault,
+        )
         try:
             dst.expect_migration(flight.wire, queue)
             src.send(msg)
@@ -195,16 +201,16 @@ class Migrator:
         self.metrics.migrations["started"] += 1
         return move
 
-    def on_reply(self, client: WorkerClient, msg: dict[str, Any]) -> None:
-        """``migrated`` / ``migrate_failed`` from a source worker (its reader task)."""
-        wire = str(msg.get("request_id"))
+    def on_reply(self, client: WorkerClient, msg: Migrated | MigrateFailed) -> None:
+        """``Migrated`` / ``MigrateFailed`` from a source worker (its reader task)."""
+        wire = str(msg.request_id)
         move = self._moves.get(wire)
         if move is None or client is not move.src:
             return  # the request ended or re-ran meanwhile: its move was settled then
         del self._moves[wire]
         flight = move.flight
         flight.move = None
-        if msg["type"] == "migrated":
+        if isinstance(msg, Migrated):
             flight.route.remove(move.src)
             flight.decode = move.dst
             move.dst.migration_landed(wire)
@@ -212,16 +218,16 @@ class Migrator:
                 move.queue.put_nowait(lost_item(wire, move.dst.address))
             self.metrics.observe_migration(msg)
             self._on_slot_free()
-            result = {"outcome": "committed", **{k: msg.get(k) for k in
-                      ("blocks", "stages", "seconds", "downtime_s")}}  # fmt: skip
+            result = {"outcome": "committed", "blocks": msg.blocks, "stages": msg.stages,
+                      "seconds": msg.seconds, "downtime_s": msg.downtime_s}  # fmt: skip
         else:
             flight.route.remove(move.dst)
-            if msg.get("maybe_committed"):
+            if msg.maybe_committed:
                 move.dst.abort(wire)
             else:
                 move.dst.unexpect(wire)
             flight.retry_at = time.monotonic() + 1.0
-            result = {"outcome": "aborted", "error": str(msg.get("error"))}
+            result = {"outcome": "aborted", "error": msg.error}
         self._settle(move, result)
 
     def _settle(self, move: Move, result: dict[str, Any]) -> None:

@@ -8,8 +8,8 @@ current. Every request in flight on it gets an error item, so no stream hangs â€
 request only expected here as a migration's destination (``expect_migration``): it still
 runs on its source, whose migration then fails and keeps it.
 
-Migration replies (``migrated``, ``migrate_failed``) go to ``listener(client, msg)``;
-``migrated`` first drops the request's queue here, as ``handoff`` does: every token this
+Messages are ``tandem.protocol`` dataclasses. Migration replies (``Migrated``,
+``MigrateFailed``) go to ``listener(client, msg)``; ``Migrated`` first drops the request's queue here, as ``handoff`` does: every token this
 worker sent for it came before the reply on this socket.
 """
 
@@ -25,10 +25,10 @@ from typing import Any
 
 from tandem import auth as cluster_auth
 from tandem import protocol
+from tandem.protocol import Abort, Expect, Hello, Message, Submit, TokenItem, Unexpect
 
 log = logging.getLogger("tandem.router")
 
-WORKER_LOST = protocol.WORKER_LOST  # error prefix: the worker is gone, re-run elsewhere
 DOWN_STATS: dict[str, Any] = {"up": 0}  # shared, never mutated: stats are replaced whole
 
 
@@ -39,6 +39,7 @@ class WorkerClient:
             raise ValueError(f"worker address must be HOST:PORT, got {address!r}")
         self.address = address
         self.host, self.port = host, int(port)
+        # The worker's ``Hello`` fields by name (``Hello.as_dict``) while connected.
         self.hello: dict[str, Any] | None = None
         # The latest ``stats`` frame plus ``up``; only ``{"up": 0}`` while not connected.
         self.stats: dict[str, Any] = DOWN_STATS
@@ -46,7 +47,7 @@ class WorkerClient:
         self._reader_task: asyncio.Task | None = None
         self._queues: dict[str, asyncio.Queue] = {}
         self._incoming: set[str] = set()  # expected as a migration destination, not yet moved
-        self.listener: Callable[[WorkerClient, dict[str, Any]], None] | None = None
+        self.listener: Callable[[WorkerClient, Message], None] | None = None
         self.draining = False  # set by the router: no new requests, migrate everything off
         self._secret = cluster_secret  # tandem.auth: proven in the hello when set
 
@@ -71,17 +72,28 @@ class WorkerClient:
                         f"worker {self.address} did not start listening in {timeout:.0f}s"
                     ) from None
                 await asyncio.sleep(0.2)
-        hello = await protocol.read_frame(reader)
-        if hello.get("type") != "hello":
-            raise protocol.ProtocolError(f"worker {self.address} did not say hello")
         try:
-            await cluster_auth.answer(reader, writer, self._secret, hello, self.address)
+            hello = await protocol.read_message(reader)
+        except protocol.ProtocolVersionError as e:
+            writer.close()
+            raise protocol.ProtocolVersionError(
+                e.theirs, e.ours, peer=f"worker {self.address}"
+            ) from None
+        except protocol.ProtocolError as e:
+            writer.close()
+            raise protocol.ProtocolError(f"refusing worker {self.address}: {e}") from e
+        if not isinstance(hello, Hello):
+            writer.close()
+            raise protocol.ProtocolError(f"worker {self.address} did not say hello")
+        hello_fields = hello.as_dict()
+        try:
+            await cluster_auth.answer(reader, writer, self._secret, hello_fields, self.address)
         except (protocol.ProtocolError, asyncio.TimeoutError) as e:
             writer.close()
             if isinstance(e, cluster_auth.ClusterAuthError):
                 log.warning("%s", e)
             raise
-        self.hello, self._writer = hello, writer
+        self.hello, self._writer = hello_fields, writer
         self.stats = {"up": 1}
         self._reader_task = asyncio.create_task(self._read_loop(reader))
 
@@ -94,12 +106,12 @@ class WorkerClient:
             self._writer.close()
         self._writer = None
 
-    def submit(self, msg: dict[str, Any], q: asyncio.Queue | None = None) -> asyncio.Queue:
+    def submit(self, msg: Submit, q: asyncio.Queue | None = None) -> asyncio.Queue:
         if self._writer is None:
             raise ConnectionError(f"worker {self.address} is not connected")
         frame = protocol.encode(msg)  # first: a message that cannot be encoded holds nothing
         q = q if q is not None else asyncio.Queue()
-        self._queues[msg["request_id"]] = q
+        self._queues[msg.request_id] = q
         self._writer.write(frame)
         return q
 
@@ -112,7 +124,7 @@ class WorkerClient:
         its tokens will arrive on this connection, into ``q``."""
         if self._writer is None:
             raise ConnectionError(f"worker {self.address} is not connected")
-        frame = protocol.encode({"type": "expect", "request_id": request_id})
+        frame = protocol.encode(Expect(request_id))
         self._queues[request_id] = q
         self._writer.write(frame)
 
@@ -128,7 +140,7 @@ class WorkerClient:
     def queue_of(self, request_id: str) -> asyncio.Queue | None:
         return self._queues.get(request_id)
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: Message) -> None:
         if self._writer is None:
             raise ConnectionError(f"worker {self.address} is not connected")
         self._writer.write(protocol.encode(msg))
@@ -137,12 +149,12 @@ class WorkerClient:
         """Withdraw a migration's ``expect`` (the migration failed; the request lives on)."""
         self.release(request_id)
         if self._writer is not None:
-            self._writer.write(protocol.encode({"type": "unexpect", "request_id": request_id}))
+            self._writer.write(protocol.encode(Unexpect(request_id)))
 
     def abort(self, request_id: str) -> None:
         self.release(request_id)
         if self._writer is not None:
-            self._writer.write(protocol.encode(protocol.abort([request_id])))
+            self._writer.write(protocol.encode(Abort((request_id,))))
 
     def release(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
@@ -151,23 +163,26 @@ class WorkerClient:
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                msg = await protocol.read_frame(reader)
-                if msg["type"] == "tokens":
-                    for item in msg["items"]:
-                        q = self._queues.get(item[0])
+                try:
+                    msg = await protocol.read_message(reader)
+                except (protocol.UnknownMessage, protocol.BadMessage) as e:
+                    log.warning("worker %s: ignoring a frame: %s", self.address, e)
+                    continue
+                if isinstance(msg, protocol.Tokens):
+                    for item in msg.items:
+                        q = self._queues.get(item.request_id)
                         if q is not None:
                             q.put_nowait(item)
-                            if item[2] is not None or item[3] is not None:
-                                self._queues.pop(item[0], None)
-                elif msg["type"] == "stats":
-                    msg["up"] = 1
-                    self.stats = msg
-                elif msg["type"] in ("handoff", "migrated"):
+                            if item.finished:
+                                self._queues.pop(item.request_id, None)
+                elif isinstance(msg, protocol.Stats):
+                    self.stats = {**msg.values, "up": 1}
+                elif isinstance(msg, (protocol.Handoff, protocol.Migrated)):
                     # The request now lives on another worker; nothing more comes from here.
-                    self._queues.pop(msg["request_id"], None)
-                    if msg["type"] == "migrated" and self.listener is not None:
+                    self._queues.pop(msg.request_id, None)
+                    if isinstance(msg, protocol.Migrated) and self.listener is not None:
                         self.listener(self, msg)
-                elif msg["type"] == "migrate_failed" and self.listener is not None:
+                elif isinstance(msg, protocol.MigrateFailed) and self.listener is not None:
                     self.listener(self, msg)
         except (asyncio.IncompleteReadError, ConnectionError, protocol.ProtocolError) as e:
             log.warning("lost worker %s: %s", self.address, e)
@@ -182,9 +197,9 @@ class WorkerClient:
             self._incoming.clear()
 
 
-def lost_item(request_id: str, address: str) -> list:
+def lost_item(request_id: str, address: str) -> TokenItem:
     """The error item that ends (or re-runs) a request whose worker went away."""
-    return [request_id, [], None, f"{WORKER_LOST} worker {address} disconnected", None]
+    return TokenItem.lost(request_id, f"worker {address} disconnected")
 
 
 class Route:
@@ -219,7 +234,7 @@ class Route:
 class InOrder:
     """Puts one request's token items back in output order.
 
-    Items carry the output offset of their first token (last field). In disaggregated mode
+    Items carry the output offset of their first token (``offset``). In disaggregated mode
     the first token comes on the prefill worker's socket and the rest on the decode
     worker's, so they can arrive swapped. Items without an offset (errors, aborts) pass at
     once. ``restart(n)`` starts a new attempt whose offsets count from 0 again, after the
@@ -229,15 +244,15 @@ class InOrder:
     def __init__(self) -> None:
         self.base = 0
         self.next = 0
-        self.pending: dict[int, list] = {}
-        self.ready: collections.deque[list] = collections.deque()
+        self.pending: dict[int, TokenItem] = {}
+        self.ready: collections.deque[TokenItem] = collections.deque()
 
     def restart(self, delivered: int) -> None:
         self.base = self.next = delivered
         self.pending.clear()
         self.ready.clear()
 
-    async def get(self, queue: asyncio.Queue, deadline: float) -> list:
+    async def get(self, queue: asyncio.Queue, deadline: float) -> TokenItem:
         """The next item in output order from ``queue``; ``asyncio.TimeoutError`` once the
         monotonic ``deadline`` passes."""
         while not self.ready:
@@ -245,9 +260,9 @@ class InOrder:
             self.ready.extend(self.push(raw))
         return self.ready.popleft()
 
-    def push(self, item: list) -> list[list]:
-        offset = item[5] if len(item) > 5 else None
-        if offset is None or item[3] is not None:
+    def push(self, item: TokenItem) -> list[TokenItem]:
+        offset = item.offset
+        if offset is None or item.error is not None:
             return [item]
         pos = self.base + offset
         if pos > self.next:  # an earlier item is still on its way
@@ -255,20 +270,17 @@ class InOrder:
             return []
         if pos < self.next:  # already delivered (should not happen): drop the overlap
             skip = self.next - pos
-            item = [
-                item[0],
-                item[1][skip:],
-                item[2],
-                item[3],
-                item[4][skip:] if item[4] else None,
-                offset + skip,
-            ]
+            item = item._replace(
+                new_token_ids=item.new_token_ids[skip:],
+                logprobs=item.logprobs[skip:] if item.logprobs else None,
+                offset=offset + skip,
+            )
         ready = [item]
-        self.next += len(item[1])
+        self.next += len(item.new_token_ids)
         while self.next in self.pending:
             nxt = self.pending.pop(self.next)
             ready.append(nxt)
-            self.next += len(nxt[1])
-            if not nxt[1]:
+            self.next += len(nxt.new_token_ids)
+            if not nxt.new_token_ids:
                 break  # a token-less item (finish) ends the chain
         return ready

@@ -108,11 +108,13 @@ async def accept(
             reason = "wrong cluster secret"
         else:
             writer.write(
-                protocol.encode({"type": "auth_ok", "mac": _mac(secret, _WORKER, challenge, nonce)})
+                protocol.pack_frame(
+                    {"type": "auth_ok", "mac": _mac(secret, _WORKER, challenge, nonce)}
+                )
             )
             return True
     log.warning("refused %s: %s", peer, reason)
-    writer.write(protocol.encode({"type": "auth_failed", "reason": reason}))
+    writer.write(protocol.pack_frame({"type": "auth_failed", "reason": reason}))
     return False
 
 
@@ -140,7 +142,7 @@ async def answer(
         )
     nonce = secrets.token_bytes(NONCE_BYTES)
     writer.write(
-        protocol.encode(
+        protocol.pack_frame(
             {"type": "auth", "nonce": nonce, "mac": _mac(secret, _CLIENT, challenge, nonce)}
         )
     )

@@ -585,7 +585,7 @@ def _decode_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             parser.error(f"--ready-fd {args.ready_fd} is not an open file descriptor")
     config = None
     if args.fake_engine:  # no model, no torch: measures the control plane alone
-        from decode_worker.fake_engine import FakeEngine, fake_engine_config
+        from tandem.engine.fake import FakeEngine, fake_engine_config
 
         try:
             engine = FakeEngine(fake_engine_config(args), step_time_s=args.fake_step_ms / 1000)

@@ -90,6 +90,8 @@ class _InFlight:
 
 
 class LLMEngine:
+    """The model engine; implements ``tandem.engine.interface.KVEngine``."""
+
     def __init__(self, config: EngineConfig, tokenizer: Any | None = None) -> None:
         self.model_config = ModelConfig.from_pretrained(config.model)
         max_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from kvtransfer import KVBundle, KVSender, RefuseReason, TransferRefused, make_receiver, make_sender
-from tandem import protocol
 from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.request import Request, RequestStatus, SamplingParams
+from tandem.request_state import params_from_wire, params_to_wire
 from tandem.sched.cost_model import CostModel
 from tests.engine.parity import mixed_prompts
 from tests.unit.kvtransfer.fakes import peer_options
@@ -87,7 +87,7 @@ class EngineImport:
         req = Request(
             request_id=request_id,
             prompt_token_ids=list(state["prompt_token_ids"]),
-            sampling_params=protocol.params_from_wire(state["params"]),
+            sampling_params=params_from_wire(state["params"]),
             arrival_time=time.monotonic(),
             priority=state["priority"],
             eos_token_ids=engine.model_config.eos_token_ids,
@@ -116,7 +116,7 @@ async def move(src: LLMEngine, sender: KVSender, dest: str, request_id: str) -> 
         "request_id": request_id,
         "prompt_token_ids": req.prompt_token_ids,
         "output_token_ids": req.output_token_ids,
-        "params": protocol.params_to_wire(req.sampling_params),
+        "params": params_to_wire(req.sampling_params),
         "num_computed_tokens": n,
         "priority": req.priority,
         "policy_state": sched.policy.describe(req),

@@ -14,7 +14,7 @@ import pytest
 from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.migration import MigrationInbox, StagePolicy, TransferId, plan_stage
-from tandem.protocol import request_from_state, request_state
+from tandem.request_state import request_from_state, request_state
 from tandem.request import RequestStatus, SamplingParams
 from tandem.sched.cost_model import CostModel
 

@@ -107,7 +107,7 @@ def _migrate_sharing(src, dst, rid, inbox):
     """``_migrate`` (copy stages, then the final stage) where stage 0 shares the blocks the
     destination has cached, as ``decode_worker.migration_in.reserve_cached`` does."""
     from tandem.migration import StagePolicy, TransferId, plan_stage
-    from tandem.protocol import request_from_state, request_state
+    from tandem.request_state import request_from_state, request_state
 
     policy = StagePolicy(final_blocks=1, max_stages=6, min_copy_stages=1)
     sent, index, skipped = 0, 0, 0
@@ -167,7 +167,7 @@ def test_migration_to_a_worker_that_caches_the_prefix_moves_only_the_rest(tiny_l
 def test_an_import_sharing_blocks_under_wrong_names_is_refused(tiny_llama_dir, tmp_path):
     import pytest
 
-    from tandem.protocol import request_from_state, request_state
+    from tandem.request_state import request_from_state, request_state
 
     cost = tmp_path / "cost.json"
     CostModel().save(cost)

@@ -20,20 +20,22 @@ async def _pair(worker_secret, peer_secret, forge=None):
     accepted: asyncio.Future = asyncio.get_running_loop().create_future()
 
     async def handle(reader, writer):
-        hello = {"type": "hello", "role": "colocated"}
-        if worker_secret is not None:
-            hello["challenge"] = auth.new_challenge()
+        challenge = auth.new_challenge() if worker_secret is not None else None
+        hello = protocol.Hello(
+            role="colocated", model="m", compat="c", kv_blocks=1, max_num_seqs=1,
+            max_model_len=16, vocab_size=16, challenge=challenge,
+        )  # fmt: skip
         writer.write(protocol.encode(hello))
         ok = True
         if forge is not None:
             await protocol.read_frame(reader)
-            writer.write(protocol.encode(forge))
+            writer.write(protocol.pack_frame(forge))
             await writer.drain()
         elif worker_secret is not None:
-            ok = await auth.accept(reader, writer, worker_secret, hello["challenge"], "peer")
+            ok = await auth.accept(reader, writer, worker_secret, challenge, "peer")
         accepted.set_result(ok)
         if ok:
-            writer.write(protocol.encode({"type": "stats", "up": 1}))
+            writer.write(protocol.pack_frame({"type": "stats", "up": 1}))
         await writer.drain()
         writer.close()
 
@@ -99,7 +101,7 @@ def test_a_replayed_proof_fails_against_a_fresh_challenge():
         result = asyncio.get_running_loop().create_future()
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-        writer.write(protocol.encode({"type": "auth", "nonce": nonce, "mac": proof}))
+        writer.write(protocol.pack_frame({"type": "auth", "nonce": nonce, "mac": proof}))
         ok = await asyncio.wait_for(result, 5)
         writer.close()
         server.close()

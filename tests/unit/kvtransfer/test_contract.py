@@ -160,7 +160,7 @@ async def test_receiver_close_aborts_open_reservations(backend):
 
         reader, writer = await asyncio.open_connection("127.0.0.1", receiver.port)
         frame = {"type": "kv_offer", "payload": backend, **offer.to_dict()}
-        writer.write(protocol.encode(frame))
+        writer.write(protocol.pack_frame(frame))
         assert (await protocol.read_frame(reader))["type"] == "kv_accept"
     else:
         await receiver.offer(offer)

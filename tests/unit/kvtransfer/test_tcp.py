@@ -34,7 +34,7 @@ async def raw_offer(receiver: TcpKVReceiver, request_id: str, **bundle_options):
     state = wire.pack_state(bundle.state)
     offer = Offer.for_payload(request_id, bundle.num_tokens, bundle.payload, HASH, len(state))
     reader, writer = await asyncio.open_connection("127.0.0.1", receiver.port)
-    writer.write(protocol.encode({"type": "kv_offer", **offer.to_dict()}))
+    writer.write(protocol.pack_frame({"type": "kv_offer", **offer.to_dict()}))
     await writer.drain()
     answer = await protocol.read_frame(reader)
     return reader, writer, answer, state + bytes(wire.tensor_to_bytes(bundle.payload))
@@ -154,7 +154,7 @@ async def test_malformed_offer_is_refused_and_the_connection_stays_usable():
     fake = FakeEngineKV()
     async with tcp_receiver(fake) as receiver:
         reader, writer = await asyncio.open_connection("127.0.0.1", receiver.port)
-        writer.write(protocol.encode({"type": "kv_offer", "request_id": "r", "num_blocks": 1}))
+        writer.write(protocol.pack_frame({"type": "kv_offer", "request_id": "r", "num_blocks": 1}))
         answer = await protocol.read_frame(reader)
         assert answer["type"] == "kv_refuse" and answer["reason"] == "bad_offer"
         assert "malformed offer" in answer["error"]

@@ -9,9 +9,9 @@ from router.metrics import RouterMetrics
 from router.workers import WorkerClient
 from tandem import protocol
 
-HELLO = {"type": "hello", "role": "colocated", "model": "m", "kv_blocks": 64,
-         "max_model_len": 128, "vocab_size": 100}  # fmt: skip
-STATS = {"type": "stats", "running": 3, "waiting": 1, "kv_used": 40, "kv_free": 24}
+HELLO = protocol.Hello(role="colocated", model="m", compat="c", kv_blocks=64, max_num_seqs=8,
+                       max_model_len=128, vocab_size=100)  # fmt: skip
+STATS = protocol.Stats({"running": 3, "waiting": 1, "kv_used": 40, "kv_free": 24})
 
 
 def _worker_lines(text: str, address: str) -> list[str]:

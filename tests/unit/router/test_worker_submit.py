@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from router.workers import WorkerClient
-from tandem.protocol import ProtocolError
+from tandem.protocol import ProtocolError, Submit
+from tandem.request import SamplingParams
 
 
 class _Writer:
@@ -25,9 +26,9 @@ def _client() -> WorkerClient:
 def test_unencodable_submit_registers_nothing():
     client = _client()
     with pytest.raises((OverflowError, TypeError, ValueError, ProtocolError)):
-        client.submit({"type": "submit", "request_id": "r1", "seed": 2**70})
+        client.submit(Submit("r1", [1], SamplingParams(seed=2**70)))
     assert client.in_flight == 0 and client._writer.frames == []
-    client.submit({"type": "submit", "request_id": "r2", "seed": 7})
+    client.submit(Submit("r2", [1], SamplingParams(seed=7)))
     assert client.in_flight == 1 and len(client._writer.frames) == 1
 
 

@@ -1,9 +1,9 @@
 """A model-free engine: emits tokens without a model, to measure the control plane alone.
 
-``FakeEngine`` has exactly the surface ``WorkerService`` uses of ``LLMEngine``
-(``add_request``, ``abort_request``, ``has_unfinished_requests``, ``step``, ``scheduler``
-with its counters, ``config``, ``model_config``, ``compat_hash``, ``num_iterations``) and
-never imports torch. ``tandem decode-worker --fake-engine [--fake-step-ms X]`` serves it,
+``FakeEngine`` implements ``tandem.engine.interface.Engine``, the surface ``WorkerService``
+uses of ``LLMEngine`` (``add_request``, ``abort_request``, ``has_unfinished_requests``,
+``step``, ``scheduler`` with its counters, ``config``, ``model_config``, ``compat_hash``,
+``num_iterations``), and never imports torch. ``tandem decode-worker --fake-engine [--fake-step-ms X]`` serves it,
 and ``bench/router_overhead.py`` drives it through the router.
 
 A request's life here:
@@ -124,7 +124,7 @@ class _FakeScheduler:
 
 
 class FakeEngine:
-    """Drop-in for ``LLMEngine`` inside ``WorkerService``, without a model (see module doc)."""
+    """An ``Engine`` without a model: a drop-in for ``LLMEngine`` inside ``WorkerService``."""
 
     def __init__(
         self,
