@@ -3,8 +3,10 @@
 Every problem raises ``ApiError`` with an HTTP status, a message and the offending
 parameter, which the app turns into OpenAI's error JSON. Accepted: temperature, top_p,
 top_k, min_p, max_tokens / max_completion_tokens, stop, seed, logprobs / top_logprobs,
-presence/frequency/repetition penalty, n=1, stream, stream_options.include_usage, and the
-extensions priority, ignore_eos, min_tokens, stop_token_ids.
+presence/frequency/repetition penalty, n, stream, stream_options.include_usage, and the
+extensions priority, ignore_eos, min_tokens, stop_token_ids. ``check_fields`` sorts every
+other field: accepted-and-ignored (``IGNORED``), not implemented (``REFUSED``: a 400
+unless at its neutral value) or unknown (a 400).
 
 Contract: whatever a client sends, parsing either returns a request every later stage can
 carry (every integer fits the 64-bit wire format, every token id is inside the vocabulary,
@@ -15,7 +17,7 @@ that cannot fit the context is refused from its length in characters, before tok
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tandem.request import SamplingParams
@@ -47,19 +49,81 @@ class ParsedRequest:
     priority: int
     chat: bool
     logprobs: int | None  # top-n wanted (None = off)
+    n: int = 1  # choices: n samples of the prompt, choice i seeded with seed + i
+
+    def choice_params(self, index: int) -> SamplingParams:
+        """Choice ``index``'s parameters: a seeded request gives choice i the seed
+        ``seed + i`` (wrapping inside 64 bits), so choices differ yet each is reproducible;
+        an unseeded one leaves every choice unseeded."""
+        seed = self.params.seed
+        if seed is None or index == 0:
+            return self.params
+        seed = (seed + index - INT64_MIN) % 2**64 + INT64_MIN
+        return replace(self.params, seed=seed)
 
 
-_KNOWN = {
-    "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-    "top_k", "min_p", "n", "stream", "stream_options", "stop", "seed", "logprobs", "top_logprobs",
-    "presence_penalty", "frequency_penalty", "repetition_penalty", "priority", "ignore_eos",
-    "min_tokens", "stop_token_ids", "user", "echo", "best_of", "logit_bias", "suffix",
+# Every top-level field a body may carry, by what the server does with it. A field in
+# none of these sets is refused (400 naming it): nothing a client sends is silently
+# dropped. README's API table lists the same sets.
+SUPPORTED_COMPLETION = frozenset({
+    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream",
+    "stream_options", "stop", "seed", "logprobs", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "priority", "ignore_eos", "min_tokens", "stop_token_ids", "echo",
+    "best_of", "logit_bias", "suffix", "response_format", "guided_json", "guided_regex",
+    "guided_choice", "guided_grammar", "structured_outputs",
+})  # fmt: skip
+SUPPORTED_CHAT = (SUPPORTED_COMPLETION - {"prompt", "echo", "best_of"}) | {
+    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+    "parallel_tool_calls", "functions", "function_call", "prediction", "audio", "modalities", "web_search_options", "reasoning_effort",
 }  # fmt: skip
-_UNSUPPORTED = {"echo": False, "best_of": 1, "logit_bias": None, "suffix": None}
+# Accepted and ignored: they cannot change the tokens generated.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
+# Known OpenAI / vLLM fields not implemented, each accepted only at its neutral value(s):
+# anything else is a 400 naming the field.
+REFUSED: dict[str, tuple[Any, ...]] = {
+    "suffix": (None, ""),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None, True, False),  # meaningless without tools (refused)
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+    "prediction": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "web_search_options": (None,),
+    "reasoning_effort": (None,),
+    "logit_bias": (None, {}),
+}
+
+
+def check_fields(body: dict, chat: bool) -> None:
+    """Refuse (400, naming the field) any field that is unknown for this endpoint, or known
+    but not implemented and set to a value that would change the output."""
+    supported = SUPPORTED_CHAT if chat else SUPPORTED_COMPLETION
+    for key, value in body.items():
+        if key in IGNORED or (key in supported and key not in REFUSED):
+            continue
+        if key in supported:  # known, not implemented: only its neutral values pass
+            if any(type(value) is type(n) and value == n for n in REFUSED[key]):
+                continue
+            raise ApiError(
+                400, f"'{key}' is not supported by this server (only its default is)", key
+            )
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        raise ApiError(400, f"unrecognized request argument '{key}' for {endpoint}", key)
 
 
 # Integers cross msgpack (signed or unsigned 64-bit); anything wider is refused up front.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_N = 128  # choices per request
 
 
 @dataclass(frozen=True)
@@ -177,11 +241,10 @@ def _common(
     body: dict, default_max_tokens: int, limits: Limits, prompt_len: int, chat: bool
 ) -> tuple:
     max_model_len = limits.max_model_len
-    for key, neutral in _UNSUPPORTED.items():
-        if body.get(key, neutral) not in (neutral, None):
-            raise ApiError(400, f"'{key}' is not supported", key)
-    if _number(body, "n", 1, int) != 1:
-        raise ApiError(400, "only n=1 is supported", "n")
+    check_fields(body, chat)
+    n = _number(body, "n", 1, int)
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"'n' must be an integer in [1, {MAX_N}]", "n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     if max_tokens is None:
@@ -219,6 +282,12 @@ def _common(
         stream_options = {}
     if not isinstance(stream_options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    for key in stream_options:
+        if key != "include_usage":
+            raise ApiError(
+                400, f"'stream_options.{key}' is not supported (only include_usage is)",
+                "stream_options",
+            )
     stream = _bool(body, "stream", False)
     include_usage = _bool(stream_options, "include_usage", False, "stream_options.include_usage")
     top_k = _number(body, "top_k", None, int)
@@ -247,7 +316,7 @@ def _common(
         param = str(e).split(" ", 1)[0]
         raise ApiError(400, str(e), param) from None
     priority = _number(body, "priority", 0, int)
-    return params, stream, include_usage, priority, logprobs
+    return params, stream, include_usage, priority, logprobs, n
 
 
 def parse_completion(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
@@ -278,8 +347,8 @@ def parse_completion(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest
         )
     if not ids:
         raise ApiError(400, "'prompt' tokenizes to no tokens", "prompt")
-    params, stream, usage, prio, logprobs = _common(body, 16, limits, len(ids), chat=False)
-    return ParsedRequest(ids, params, stream, usage, prio, chat=False, logprobs=logprobs)
+    params, stream, usage, prio, logprobs, n = _common(body, 16, limits, len(ids), chat=False)
+    return ParsedRequest(ids, params, stream, usage, prio, chat=False, logprobs=logprobs, n=n)
 
 
 _ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -333,8 +402,8 @@ def parse_chat(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
         raise ApiError(400, f"chat template: {e}", "messages") from None
     ids = tokenizer.encode(text, add_special_tokens=False)
     default = max(1, limits.max_model_len - len(ids))
-    params, stream, usage, prio, logprobs = _common(body, default, limits, len(ids), chat=True)
-    return ParsedRequest(ids, params, stream, usage, prio, chat=True, logprobs=logprobs)
+    params, stream, usage, prio, logprobs, n = _common(body, default, limits, len(ids), chat=True)
+    return ParsedRequest(ids, params, stream, usage, prio, chat=True, logprobs=logprobs, n=n)
 
 
 def parse_generate(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
@@ -358,4 +427,7 @@ def parse_generate(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
     if not isinstance(sp, dict):
         raise ApiError(400, "'sampling_params' must be an object", "sampling_params")
     as_completion = {"max_tokens": 16, **sp, "prompt": ids, "stream": True, "model": None}
-    return parse_completion(as_completion, tokenizer, limits)
+    parsed = parse_completion(as_completion, tokenizer, limits)
+    if parsed.n != 1:
+        raise ApiError(400, "'sampling_params.n' must be 1 for /generate", "sampling_params")
+    return parsed
