@@ -285,7 +285,8 @@ def _common(
     for key in stream_options:
         if key != "include_usage":
             raise ApiError(
-                400, f"'stream_options.{key}' is not supported (only include_usage is)",
+                400,
+                f"'stream_options.{key}' is not supported (only include_usage is)",
                 "stream_options",
             )
     stream = _bool(body, "stream", False)

@@ -126,14 +126,19 @@ def _post(url, path, body, raw=False):
         ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
         (
             "/v1/chat/completions",
-            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_object"},
+            },
             400,
             "response_format",
         ),
         (
             "/v1/chat/completions",
-            {"messages": [{"role": "user", "content": "x"}],
-             "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            },
             400,
             "tools",
         ),
@@ -228,3 +233,57 @@ def test_dropped_streams_free_every_block(server):
     else:
         pytest.fail(f"blocks still used after the clients left:\n{text}")
     assert 'tandem_requests_total{outcome="abort"}' in text
+
+
+def _wait_metric(url: str, name: str, at_least: float, timeout: float = 20.0) -> float:
+    from tests.e2e.servers import metrics
+
+    deadline = time.time() + timeout
+    while True:
+        total = sum(v for k, v in metrics(url).items() if k.startswith(name + "{"))
+        if total >= at_least or time.time() > deadline:
+            return total
+        time.sleep(0.3)
+
+
+def test_n_choices_share_the_prompt_blocks(server):
+    """n=4: four indexed choices; choices 1-3 reuse choice 0's 6 cached full prompt blocks
+    (visible as prefix hit tokens in /metrics); usage sums completion tokens; choice i is
+    the same as one request seeded with seed + i."""
+    client = _client(server)
+    prompt = [(53 * i) % 1500 + 20 for i in range(100)]  # 6 full blocks of 16 + 4 tokens
+    hits = "tandem_worker_prefix_cache_hit_tokens_total"
+    before = _wait_metric(server, hits, 0)
+    r = client.completions.create(
+        model="tiny", prompt=prompt, n=4, max_tokens=8, temperature=1.0, seed=7
+    )
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert r.usage.prompt_tokens == 100 and r.usage.completion_tokens == 32
+    assert _wait_metric(server, hits, before + 3 * 96) - before == 3 * 96
+    by_index = {c.index: c.text for c in r.choices}
+    for i in (0, 3):
+        one = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=8, temperature=1.0, seed=7 + i
+        )
+        assert one.choices[0].text == by_index[i]
+    assert len(set(by_index.values())) > 1  # different seeds, different samples
+
+
+def test_n_choices_streamed_chat_match_non_streamed(server):
+    client = _client(server)
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Tell me a story"}], n=3,
+              max_tokens=10, temperature=0.8, seed=11)  # fmt: skip
+    whole = client.chat.completions.create(**kw)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    texts: dict[int, str] = {0: "", 1: "", 2: ""}
+    finished = set()
+    chunks = list(client.chat.completions.create(**kw, stream=True,
+                                                 stream_options={"include_usage": True}))  # fmt: skip
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason is not None:
+                finished.add(c.index)
+    assert finished == {0, 1, 2}
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 30
