@@ -4,7 +4,7 @@ Every problem raises ``ApiError`` with an HTTP status, a message and the offendi
 parameter, which the app turns into OpenAI's error JSON. Accepted: temperature, top_p,
 top_k, min_p, max_tokens / max_completion_tokens, stop, seed, logprobs / top_logprobs,
 presence/frequency/repetition penalty, n, stream, stream_options.include_usage, and the
-extensions priority, ignore_eos, min_tokens, stop_token_ids. ``check_fields`` sorts every
+extensions priority, ignore_eos, min_tokens, stop_token_ids; logit_bias. ``check_fields`` sorts every
 other field: accepted-and-ignored (``IGNORED``), not implemented (``REFUSED``: a 400
 unless at its neutral value) or unknown (a 400).
 
@@ -100,7 +100,6 @@ REFUSED: dict[str, tuple[Any, ...]] = {
     "modalities": (None, ["text"]),
     "web_search_options": (None,),
     "reasoning_effort": (None,),
-    "logit_bias": (None, {}),
 }
 
 
@@ -219,6 +218,39 @@ def _strings(body: Any) -> Iterator[tuple[str, str]]:
             stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
 
 
+MAX_LOGIT_BIAS = 1024  # entries per request
+
+
+def _logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: an object mapping token ids (as strings, or integers) to a
+    bias in [-100, 100]; ``None`` or ``{}`` is none."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ApiError(400, "'logit_bias' must be an object of token id -> bias", "logit_bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ApiError(400, f"'logit_bias' may have at most {MAX_LOGIT_BIAS} entries", "logit_bias")
+    pairs: dict[int, float] = {}
+    for key, bias in value.items():
+        token = key if isinstance(key, int) else None
+        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 20:
+            token = int(key)
+        if token is None or not 0 <= token < vocab_size:
+            raise ApiError(
+                400, f"'logit_bias' keys must be token ids in [0, {vocab_size}); got {key!r}",
+                "logit_bias",
+            )  # fmt: skip
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ApiError(
+                400, f"'logit_bias' values must be numbers in [-100, 100]; got {bias!r}",
+                "logit_bias",
+            )  # fmt: skip
+        if token in pairs:
+            raise ApiError(400, f"'logit_bias' names token {token} twice", "logit_bias")
+        pairs[token] = float(bias)
+    return tuple(sorted(pairs.items()))
+
+
 def _check_length(chars: int, limits: Limits, what: str) -> None:
     if chars > limits.max_prompt_chars:
         raise ApiError(
@@ -292,6 +324,7 @@ def _common(
     stream = _bool(body, "stream", False)
     include_usage = _bool(stream_options, "include_usage", False, "stream_options.include_usage")
     top_k = _number(body, "top_k", None, int)
+    logit_bias = _logit_bias(body.get("logit_bias"), limits.vocab_size)
     stop_ids = body.get("stop_token_ids")
     stop_ids = _token_ids(
         [] if stop_ids is None else stop_ids, "stop_token_ids", limits.vocab_size, True
@@ -312,6 +345,7 @@ def _common(
             stop_token_ids=tuple(stop_ids),
             ignore_eos=_bool(body, "ignore_eos", False),
             logprobs=logprobs,
+            logit_bias=logit_bias,
         )
     except ValueError as e:
         param = str(e).split(" ", 1)[0]

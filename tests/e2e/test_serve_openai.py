@@ -287,3 +287,20 @@ def test_n_choices_streamed_chat_match_non_streamed(server):
     assert finished == {0, 1, 2}
     assert texts == {c.index: c.message.content for c in whole.choices}
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 30
+
+
+def test_logit_bias_changes_the_greedy_token(server, offline):
+    client = _client(server)
+    tok = offline.get_tokenizer()
+    x = tok.encode(" fox", add_special_tokens=False)[-1]
+    kw = dict(model="tiny", prompt="Hello, Tandem!", max_tokens=3, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    biased = client.completions.create(**kw, logit_bias={str(x): 100}).choices[0].text
+    assert biased == tok.decode([x, x, x]) != plain
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0,
+        logit_bias={str(x): 100},
+    )  # fmt: skip
+    assert chat.choices[0].message.content == tok.decode([x, x])
+    status, body = _post(server, "/v1/completions", {"prompt": "x", "logit_bias": {"5": 300}})
+    assert status == 400 and body["error"]["param"] == "logit_bias"

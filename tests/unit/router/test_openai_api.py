@@ -164,7 +164,7 @@ def _chat(**body):
     [("response_format", {"type": "json_object"}),
      ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
      ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
-     ("tool_choice", {"type": "function", "function": {"name": "f"}}), ("logit_bias", {"5": 1}),
+     ("tool_choice", {"type": "function", "function": {"name": "f"}}),
      ("functions", [{"name": "f"}]), ("guided_json", {}), ("guided_choice", ["a"]),
      ("prediction", {"type": "content", "content": "x"}), ("reasoning_effort", "low")],
 )  # fmt: skip
@@ -176,8 +176,7 @@ def test_chat_fields_not_implemented_are_400_naming_them(field, value):
 @pytest.mark.parametrize(
     ("field", "value"),
     [("suffix", "end"), ("echo", True), ("best_of", 2), ("best_of", True),
-     ("response_format", {"type": "json_object"}), ("guided_regex", "a+"),
-     ("logit_bias", {"1": -100})],
+     ("response_format", {"type": "json_object"}), ("guided_regex", "a+")],
 )  # fmt: skip
 def test_completion_fields_not_implemented_are_400_naming_them(field, value):
     e = _error(_completion, **{field: value})
@@ -214,3 +213,15 @@ def test_n_is_validated_and_seeds_choices():
     assert _completion(n=2).choice_params(1).seed is None
     assert _error(parse_generate, {"prompt_token_ids": [1], "sampling_params": {"n": 2}},
                   CountingTokenizer(), LIMITS).param == "sampling_params"  # fmt: skip
+
+
+def test_logit_bias_is_parsed_and_validated():
+    assert _completion(logit_bias={"7": -100, "3": 2.5}).params.logit_bias == (
+        (3, 2.5),
+        (7, -100.0),
+    )
+    assert _chat(logit_bias={}).params.logit_bias == ()
+    for bad in ([1], {"x": 1}, {"100": 1}, {"-1": 1}, {"5": 101}, {"5": True}, {"5": "1"},
+                {"1": 1, "01": 2}, {str(i): 1 for i in range(1025)}):  # fmt: skip
+        e = _error(_completion, logit_bias=bad)
+        assert e.status == 400 and e.param == "logit_bias", bad
