@@ -19,8 +19,8 @@ Live migration (``router.migration``): every request in flight is tracked as a
 ``Flight`` (its route, decode worker and tokens so far); a move switches its owner
 without a gap in the stream; the rebalancer and drain pick what to move.
 
-Endpoints: POST /v1/completions, /v1/chat/completions, /generate; GET /v1/models,
-/health, /metrics; the admin endpoints of ``router.admin`` (/admin/migrate,
+Endpoints: POST /v1/completions, /v1/chat/completions, /generate, /tokenize,
+/detokenize; GET /v1/models, /v1/models/{id}, /health, /metrics; the admin endpoints of ``router.admin`` (/admin/migrate,
 /admin/drain/{worker}, /admin/workers).
 """
 
@@ -50,7 +50,9 @@ from router.openai_api import (
     check_text,
     parse_chat,
     parse_completion,
+    parse_detokenize,
     parse_generate,
+    parse_tokenize,
 )
 from router.prefix_affinity import PrefixAffinity
 from router.workers import WORKER_LOST, InOrder, Route, WorkerClient
@@ -229,6 +231,9 @@ class Router:
             web.post("/v1/chat/completions", self.chat_completions),
             web.post("/generate", self.generate),
             web.get("/v1/models", self.models),
+            web.get("/v1/models/{model_id:.+}", self.model_card),
+            web.post("/tokenize", self.tokenize),
+            web.post("/detokenize", self.detokenize),
             web.get("/health", self.health),
             web.get("/health/ready", self.health),
             web.get("/health/live", self.liveness),
@@ -268,15 +273,44 @@ class Router:
         """Liveness: the router's event loop answers (workers or not)."""
         return web.json_response({"status": "alive"})
 
-    async def models(self, request: web.Request) -> web.Response:
-        card = {
+    def _card(self) -> dict[str, Any]:
+        return {
             "id": self.config.served_model_name,
             "object": "model",
             "created": 0,
             "owned_by": "tandem",
             "max_model_len": self.max_model_len,
         }
-        return web.json_response({"object": "list", "data": [card]})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._card()]})
+
+    async def model_card(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{id}``: the served model's card, or 404 (OpenAI JSON)."""
+        model_id = request.match_info["model_id"]
+        if model_id != self.config.served_model_name:
+            return _error(ApiError(404, f"model {model_id!r} does not exist", "model"))
+        return web.json_response(self._card())
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``POST /tokenize`` (``openai_api.parse_tokenize``)."""
+        return await self._answer(request, parse_tokenize)
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``POST /detokenize`` (``openai_api.parse_detokenize``)."""
+        return await self._answer(request, parse_detokenize)
+
+    async def _answer(self, request: web.Request, fn) -> web.Response:
+        """A body answered by ``fn(body, tokenizer, limits)`` on the parse pool."""
+        try:
+            self._require_worker()  # limits (max_model_len, vocab) come from the workers
+            raw = await _body(request, self.config.body_timeout, self.config.max_body_bytes)
+            out = await asyncio.get_running_loop().run_in_executor(
+                self._parse_pool, _parse_body, raw, lambda b: fn(b, self.tokenizer, self.limits())
+            )
+        except ApiError as e:
+            return _error(e)
+        return web.json_response(out)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         stats = {w.address: w.stats for w in self.workers}
@@ -439,6 +473,9 @@ class Router:
         out_ids: list[int] = []
         reruns = 0
         try:
+            if p.echo_text:  # completions' echo: the prompt's text comes first
+                c.text_parts.append(p.echo_text)
+                await emit(index, p.echo_text, None, None)
             deadline = start + self.config.request_timeout
             order = InOrder()  # tokens may arrive on two sockets: deliver them in order
             while c.finish is None:

@@ -4,7 +4,8 @@ Every problem raises ``ApiError`` with an HTTP status, a message and the offendi
 parameter, which the app turns into OpenAI's error JSON. Accepted: temperature, top_p,
 top_k, min_p, max_tokens / max_completion_tokens, stop, seed, logprobs / top_logprobs,
 presence/frequency/repetition penalty, n, stream, stream_options.include_usage, and the
-extensions priority, ignore_eos, min_tokens, stop_token_ids; logit_bias. ``check_fields`` sorts every
+extensions priority, ignore_eos, min_tokens, stop_token_ids; logit_bias; echo (not
+with logprobs: no prompt logprobs are computed). ``check_fields`` sorts every
 other field: accepted-and-ignored (``IGNORED``), not implemented (``REFUSED``: a 400
 unless at its neutral value) or unknown (a 400).
 
@@ -50,6 +51,7 @@ class ParsedRequest:
     chat: bool
     logprobs: int | None  # top-n wanted (None = off)
     n: int = 1  # choices: n samples of the prompt, choice i seeded with seed + i
+    echo_text: str | None = None  # completions' echo: the prompt text, before each choice
 
     def choice_params(self, index: int) -> SamplingParams:
         """Choice ``index``'s parameters: a seeded request gives choice i the seed
@@ -82,7 +84,6 @@ IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
 # anything else is a 400 naming the field.
 REFUSED: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""),
-    "echo": (None, False),
     "best_of": (None, 1),
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -383,7 +384,14 @@ def parse_completion(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest
     if not ids:
         raise ApiError(400, "'prompt' tokenizes to no tokens", "prompt")
     params, stream, usage, prio, logprobs, n = _common(body, 16, limits, len(ids), chat=False)
-    return ParsedRequest(ids, params, stream, usage, prio, chat=False, logprobs=logprobs, n=n)
+    echo_text = None
+    if _bool(body, "echo", False):
+        if logprobs is not None:
+            # The engine computes no prompt logprobs: echo's logprobs would be half-empty.
+            raise ApiError(400, "'echo' together with 'logprobs' is not supported", "echo")
+        echo_text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
+    return ParsedRequest(ids, params, stream, usage, prio, chat=False, logprobs=logprobs, n=n,
+                         echo_text=echo_text)  # fmt: skip
 
 
 _ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -411,10 +419,8 @@ def _message_text(i: int, content: Any) -> str:
     )
 
 
-def parse_chat(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    _check_model(body, limits.served)
+def _chat_text(body: dict, tokenizer: Any, limits: Limits, add_generation_prompt: bool) -> str:
+    """The conversation in ``body["messages"]`` through the chat template."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
@@ -432,9 +438,17 @@ def parse_chat(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
         )
     _check_length(sum(len(m["content"]) for m in clean), limits, "the conversation")
     try:
-        text = tokenizer.apply_chat_template(clean, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(clean, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # template errors are the request's problem
         raise ApiError(400, f"chat template: {e}", "messages") from None
+    return text
+
+
+def parse_chat(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    _check_model(body, limits.served)
+    text = _chat_text(body, tokenizer, limits, True)
     ids = tokenizer.encode(text, add_special_tokens=False)
     default = max(1, limits.max_model_len - len(ids))
     params, stream, usage, prio, logprobs, n = _common(body, default, limits, len(ids), chat=True)
@@ -466,3 +480,47 @@ def parse_generate(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
     if parsed.n != 1:
         raise ApiError(400, "'sampling_params.n' must be 1 for /generate", "sampling_params")
     return parsed
+
+
+def parse_tokenize(body: Any, tokenizer: Any, limits: Limits) -> dict[str, Any]:
+    """vLLM's ``POST /tokenize``: ``{"prompt": str, "add_special_tokens": true}`` or
+    ``{"messages": [...], "add_generation_prompt": true}`` (the chat template, as
+    /v1/chat/completions applies it); ``return_token_strs`` adds each token's text. Answers
+    ``{"count", "max_model_len", "tokens"[, "token_strs"]}``."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    _check_model(body, limits.served)
+    known = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
+             "return_token_strs"}  # fmt: skip
+    for key in body:
+        if key not in known:
+            raise ApiError(400, f"unrecognized request argument '{key}' for /tokenize", key)
+    if ("prompt" in body) == ("messages" in body):
+        raise ApiError(400, "give exactly one of 'prompt' or 'messages'", "prompt")
+    if "prompt" in body:
+        prompt = body["prompt"]
+        if not isinstance(prompt, str):
+            raise ApiError(400, "'prompt' must be a string", "prompt")
+        _check_length(len(prompt), limits, "the prompt")
+        ids = tokenizer.encode(prompt, add_special_tokens=_bool(body, "add_special_tokens", True))
+    else:
+        text = _chat_text(body, tokenizer, limits, _bool(body, "add_generation_prompt", True))
+        ids = tokenizer.encode(text, add_special_tokens=_bool(body, "add_special_tokens", False))
+    out: dict[str, Any] = {"count": len(ids), "max_model_len": limits.max_model_len,
+                           "tokens": ids}  # fmt: skip
+    if _bool(body, "return_token_strs", False):
+        out["token_strs"] = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    return out
+
+
+def parse_detokenize(body: Any, tokenizer: Any, limits: Limits) -> dict[str, Any]:
+    """vLLM's ``POST /detokenize``: ``{"tokens": [ids]}`` → ``{"prompt": text}`` (special
+    tokens kept, as vLLM does)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    _check_model(body, limits.served)
+    for key in body:
+        if key not in ("model", "tokens"):
+            raise ApiError(400, f"unrecognized request argument '{key}' for /detokenize", key)
+    ids = _token_ids(body.get("tokens"), "tokens", limits.vocab_size, True)
+    return {"prompt": tokenizer.decode(ids, skip_special_tokens=False)}

@@ -304,3 +304,42 @@ def test_logit_bias_changes_the_greedy_token(server, offline):
     assert chat.choices[0].message.content == tok.decode([x, x])
     status, body = _post(server, "/v1/completions", {"prompt": "x", "logit_bias": {"5": 300}})
     assert status == 400 and body["error"]["param"] == "logit_bias"
+
+
+def test_echo_prepends_the_prompt(server):
+    client = _client(server)
+    kw = dict(model="tiny", prompt="Hello, Tandem!", max_tokens=5, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    echoed = client.completions.create(**kw, echo=True, n=2)
+    assert [c.text for c in echoed.choices] == ["Hello, Tandem!" + plain] * 2
+    stream = client.completions.create(**kw, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == "Hello, Tandem!" + plain
+    status, body = _post(server, "/v1/completions", {**kw, "echo": True, "logprobs": 1})
+    assert status == 400 and body["error"]["param"] == "echo"
+
+
+def test_model_card_tokenize_and_detokenize(server, offline):
+    client = _client(server)
+    assert client.models.retrieve("tiny").id == "tiny"
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        client.models.retrieve("gpt-9")
+    try:
+        urllib.request.urlopen(server + "/v1/models/gpt-9", timeout=5)
+        raise AssertionError("an unknown model must be a 404")
+    except urllib.error.HTTPError as e:
+        assert e.code == 404 and json.loads(e.read())["error"]["param"] == "model"
+    tok = offline.get_tokenizer()
+    text = "Café au lait and 日本語 🙂"
+    status, out = _post(server, "/tokenize", {"model": "tiny", "prompt": text})
+    assert status == 200 and out["tokens"] == tok(text).input_ids
+    assert out["count"] == len(out["tokens"]) and out["max_model_len"] > 0
+    status, back = _post(server, "/detokenize", {"tokens": out["tokens"]})
+    assert status == 200 and back["prompt"] == tok.decode(out["tokens"])
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    chat_text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    status, out = _post(server, "/tokenize", {"messages": messages})
+    assert out["tokens"] == tok(chat_text, add_special_tokens=False).input_ids
+    assert _post(server, "/tokenize", {"prompt": 5})[0] == 400
+    assert _post(server, "/detokenize", {"tokens": [10**9]})[0] == 400

@@ -175,7 +175,7 @@ def test_chat_fields_not_implemented_are_400_naming_them(field, value):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("suffix", "end"), ("echo", True), ("best_of", 2), ("best_of", True),
+    [("suffix", "end"), ("best_of", 2), ("best_of", True),
      ("response_format", {"type": "json_object"}), ("guided_regex", "a+")],
 )  # fmt: skip
 def test_completion_fields_not_implemented_are_400_naming_them(field, value):
@@ -225,3 +225,40 @@ def test_logit_bias_is_parsed_and_validated():
                 {"1": 1, "01": 2}, {str(i): 1 for i in range(1025)}):  # fmt: skip
         e = _error(_completion, logit_bias=bad)
         assert e.status == 400 and e.param == "logit_bias", bad
+
+
+class DecodingTokenizer(CountingTokenizer):
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return " ".join(f"t{i}" for i in ids)
+
+
+def test_echo_text_and_echo_with_logprobs_refused():
+    tok = DecodingTokenizer()
+    assert parse_completion({"prompt": "hi there", "echo": True}, tok, LIMITS).echo_text == (
+        "hi there"
+    )
+    assert parse_completion({"prompt": [3, 4], "echo": True}, tok, LIMITS).echo_text == "t3 t4"
+    assert parse_completion({"prompt": "hi", "echo": False}, tok, LIMITS).echo_text is None
+    e = _error(parse_completion, {"prompt": "hi", "echo": True, "logprobs": 1}, tok, LIMITS)
+    assert e.status == 400 and e.param == "echo"
+    assert _error(parse_completion, {"prompt": "hi", "echo": 1}, tok, LIMITS).param == "echo"
+    assert _error(_chat, echo=True).param == "echo"  # completions only
+
+
+def test_tokenize_and_detokenize_bodies():
+    from router.openai_api import parse_detokenize, parse_tokenize
+
+    tok = DecodingTokenizer()
+    out = parse_tokenize({"prompt": "a bb ccc", "return_token_strs": True}, tok, LIMITS)
+    assert out == {"count": 3, "max_model_len": 64, "tokens": [2, 3, 4],
+                   "token_strs": ["t2", "t3", "t4"]}  # fmt: skip
+    chat = parse_tokenize({"messages": [{"role": "user", "content": "x"}]}, tok, LIMITS)
+    assert chat["count"] == 3  # "user: x assistant:"
+    assert parse_detokenize({"tokens": [5, 6]}, tok, LIMITS) == {"prompt": "t5 t6"}
+    for body, param in [({}, "prompt"), ({"prompt": 3}, "prompt"), ({"prompt": "a", "x": 1}, "x"),
+                        ({"prompt": "a", "messages": []}, "prompt"),
+                        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages")]:  # fmt: skip
+        assert _error(parse_tokenize, body, tok, LIMITS).param == param
+    for body in ({"tokens": [100]}, {"tokens": "ab"}, {}):
+        assert _error(parse_detokenize, body, tok, LIMITS).param == "tokens"
+    assert _error(parse_detokenize, {"tokens": [1], "model": "gpt"}, tok, LIMITS).status == 404
