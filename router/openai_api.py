@@ -74,7 +74,7 @@ SUPPORTED_COMPLETION = frozenset({
     "best_of", "logit_bias", "suffix", "response_format", "guided_json", "guided_regex",
     "guided_choice", "guided_grammar", "structured_outputs",
 })  # fmt: skip
-SUPPORTED_CHAT = (SUPPORTED_COMPLETION - {"prompt", "echo", "best_of"}) | {
+SUPPORTED_CHAT = (SUPPORTED_COMPLETION - {"prompt", "echo", "best_of", "suffix"}) | {
     "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
     "parallel_tool_calls", "functions", "function_call", "prediction", "audio", "modalities", "web_search_options", "reasoning_effort",
 }  # fmt: skip
