@@ -55,6 +55,7 @@ from router.openai_api import (
     parse_tokenize,
 )
 from router.prefix_affinity import PrefixAffinity
+from router.tools import chat_message
 from router.workers import WORKER_LOST, InOrder, Route, WorkerClient
 from tandem import protocol
 from tandem.detokenizer import IncrementalDetokenizer, special_token_ids
@@ -711,8 +712,9 @@ class Router:
                     if p.logprobs is not None
                     else None
                 )
-                out.append({"index": c.index, "message": {"role": "assistant", "content": text},
-                            "logprobs": logprobs, "finish_reason": c.finish})  # fmt: skip
+                message, finish = chat_message(text, c.finish, p.tool_format)
+                out.append({"index": c.index, "message": message, "logprobs": logprobs,
+                            "finish_reason": finish})  # fmt: skip
             else:
                 logprobs = None
                 if p.logprobs is not None:

@@ -17,10 +17,12 @@ that cannot fit the context is refused from its length in characters, before tok
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from router.tools import ToolError, check_tool_calls, check_tools, detect_format
 from tandem.request import SamplingParams
 
 
@@ -52,6 +54,7 @@ class ParsedRequest:
     logprobs: int | None  # top-n wanted (None = off)
     n: int = 1  # choices: n samples of the prompt, choice i seeded with seed + i
     echo_text: str | None = None  # completions' echo: the prompt text, before each choice
+    tool_format: str | None = None  # chat with tools: find calls in this format (router.tools)
 
     def choice_params(self, index: int) -> SamplingParams:
         """Choice ``index``'s parameters: a seeded request gives choice i the seed
@@ -85,8 +88,6 @@ IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
 REFUSED: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""),
     "best_of": (None, 1),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "parallel_tool_calls": (None, True, False),  # meaningless without tools (refused)
     "functions": (None, []),
     "function_call": (None, "none"),
@@ -419,8 +420,48 @@ def _message_text(i: int, content: Any) -> str:
     )
 
 
+def _clean_message(i: int, m: dict, template: str) -> dict[str, Any]:
+    """One history message as the chat template gets it."""
+    role = "system" if m["role"] == "developer" else m["role"]
+    calls = m.get("tool_calls")
+    if role == "assistant" and calls:
+        if "tool_calls" not in template:
+            raise ApiError(400, "this model's chat template does not render tool_calls", "messages")
+        try:
+            calls = check_tool_calls(i, calls)
+        except ToolError as e:
+            raise ApiError(400, str(e), "messages") from None
+        content = m.get("content")
+        text = "" if content is None else _message_text(i, content)
+        return {"role": role, "content": text, "tool_calls": calls}
+    if calls:
+        raise ApiError(400, f"messages[{i}]: only assistant messages have tool_calls", "messages")
+    out: dict[str, Any] = {"role": role, "content": _message_text(i, m.get("content"))}
+    if role == "tool":
+        if "tool" not in template.replace("tools", ""):
+            raise ApiError(400, "this model's chat template does not render tool messages",
+                           "messages")  # fmt: skip
+        call_id = m.get("tool_call_id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise ApiError(400, f"messages[{i}].tool_call_id must be a string", "messages")
+        out["tool_call_id"] = call_id or ""
+    if isinstance(m.get("name"), str):
+        out["name"] = m["name"]
+    return out
+
+
 def _chat_text(body: dict, tokenizer: Any, limits: Limits, add_generation_prompt: bool) -> str:
-    """The conversation in ``body["messages"]`` through the chat template."""
+    """The conversation in ``body["messages"]`` (and ``body["tools"]``) through the chat
+    template. Tool messages, assistant ``tool_calls`` and tools are refused (400) when the
+    template does not mention them: it would drop them silently."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    tools = body.get("tools")
+    try:
+        tools = check_tools(tools) if tools else None
+    except ToolError as e:
+        raise ApiError(400, str(e), "tools") from None
+    if tools and "tools" not in template:
+        raise ApiError(400, "this model's chat template does not render tools", "tools")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
@@ -432,13 +473,17 @@ def _chat_text(body: dict, tokenizer: Any, limits: Limits, add_generation_prompt
                 f"messages[{i}] needs a 'role' of system, user, assistant, developer or tool",
                 "messages",
             )
-        content = _message_text(i, m.get("content"))
-        clean.append(
-            {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
-        )
-    _check_length(sum(len(m["content"]) for m in clean), limits, "the conversation")
+        clean.append(_clean_message(i, m, template))
+    _check_length(
+        sum(len(m["content"]) for m in clean) + len(json.dumps(tools or [])),
+        limits,
+        "the conversation",
+    )
+    kwargs = {"tools": tools} if tools else {}
     try:
-        text = tokenizer.apply_chat_template(clean, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(
+            clean, add_generation_prompt=add_generation_prompt, **kwargs
+        )
     except Exception as e:  # template errors are the request's problem
         raise ApiError(400, f"chat template: {e}", "messages") from None
     return text
@@ -452,7 +497,33 @@ def parse_chat(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
     ids = tokenizer.encode(text, add_special_tokens=False)
     default = max(1, limits.max_model_len - len(ids))
     params, stream, usage, prio, logprobs, n = _common(body, default, limits, len(ids), chat=True)
-    return ParsedRequest(ids, params, stream, usage, prio, chat=True, logprobs=logprobs, n=n)
+    tool_format = _tool_format(body, tokenizer, stream)
+    return ParsedRequest(ids, params, stream, usage, prio, chat=True, logprobs=logprobs, n=n,
+                         tool_format=tool_format)  # fmt: skip
+
+
+def _tool_format(body: dict, tokenizer: Any, stream: bool) -> str | None:
+    """How to find tool calls in the output: None unless ``tools`` are given and
+    ``tool_choice`` is ``auto`` (their default); ``none`` renders them but parses nothing;
+    ``required`` and a named function need structured outputs (refused)."""
+    choice = body.get("tool_choice")
+    if not body.get("tools"):
+        if choice not in (None, "none"):
+            raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice")
+        return None
+    if choice == "none":
+        return None
+    if choice not in (None, "auto"):
+        raise ApiError(400, "'tool_choice' may be 'auto' or 'none' (forcing a call is not "
+                       "supported yet)", "tool_choice")  # fmt: skip
+    fmt = detect_format(getattr(tokenizer, "chat_template", None))
+    if fmt is None:
+        raise ApiError(400, "tool calls cannot be parsed for this model's chat template "
+                       "(known formats: hermes, mistral, llama3_json)", "tools")  # fmt: skip
+    if stream:
+        raise ApiError(400, "streamed tool calls are not supported yet: use stream=false "
+                       "with tools", "stream")  # fmt: skip
+    return fmt
 
 
 def parse_generate(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
@@ -490,8 +561,8 @@ def parse_tokenize(body: Any, tokenizer: Any, limits: Limits) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     _check_model(body, limits.served)
-    known = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
-             "return_token_strs"}  # fmt: skip
+    known = {"model", "prompt", "messages", "tools", "add_special_tokens",
+             "add_generation_prompt", "return_token_strs"}  # fmt: skip
     for key in body:
         if key not in known:
             raise ApiError(400, f"unrecognized request argument '{key}' for /tokenize", key)
