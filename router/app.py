@@ -10,7 +10,9 @@ A request's life here:
    ``submit``.
 4. Token frames come back; the router detokenizes incrementally (never half a UTF-8
    character), applies stop strings (and tells the worker to abort on a match), and
-   writes SSE chunks or, without ``stream``, one JSON body at the end.
+   writes SSE chunks or, without ``stream``, one JSON body at the end. With ``n > 1`` each
+   choice is its own worker request (``{id}-{i}``); choices 1..n-1 are submitted once
+   choice 0's first token is back, so they hit its cached prompt blocks (``_run``).
 5. A client that disconnects, or a request past ``request_timeout``, is aborted at the
    worker, which frees its KV blocks within one iteration. A worker that dies ends its
    requests with an explicit error (an SSE error event, or HTTP 502).
