@@ -714,7 +714,7 @@ class Router:
                     if p.logprobs is not None
                     else None
                 )
-                message, finish = chat_message(text, c.finish, p.tool_format)
+                message, finish = chat_message(text, c.finish, p.tool_format, p.parallel_tool_calls)
                 out.append({"index": c.index, "message": message, "logprobs": logprobs,
                             "finish_reason": finish})  # fmt: skip
             else:

@@ -55,6 +55,7 @@ class ParsedRequest:
     n: int = 1  # choices: n samples of the prompt, choice i seeded with seed + i
     echo_text: str | None = None  # completions' echo: the prompt text, before each choice
     tool_format: str | None = None  # chat with tools: find calls in this format (router.tools)
+    parallel_tool_calls: bool = True  # False: at most the first call found is returned
 
     def choice_params(self, index: int) -> SamplingParams:
         """Choice ``index``'s parameters: a seeded request gives choice i the seed
@@ -79,7 +80,8 @@ SUPPORTED_COMPLETION = frozenset({
 })  # fmt: skip
 SUPPORTED_CHAT = (SUPPORTED_COMPLETION - {"prompt", "echo", "best_of", "suffix"}) | {
     "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-    "parallel_tool_calls", "functions", "function_call", "prediction", "audio", "modalities", "web_search_options", "reasoning_effort",
+    "parallel_tool_calls", "functions", "function_call", "prediction", "audio", "modalities",
+    "web_search_options", "reasoning_effort",
 }  # fmt: skip
 # Accepted and ignored: they cannot change the tokens generated.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
@@ -88,7 +90,6 @@ IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
 REFUSED: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""),
     "best_of": (None, 1),
-    "parallel_tool_calls": (None, True, False),  # meaningless without tools (refused)
     "functions": (None, []),
     "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}),
@@ -499,7 +500,8 @@ def parse_chat(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
     params, stream, usage, prio, logprobs, n = _common(body, default, limits, len(ids), chat=True)
     tool_format = _tool_format(body, tokenizer, stream)
     return ParsedRequest(ids, params, stream, usage, prio, chat=True, logprobs=logprobs, n=n,
-                         tool_format=tool_format)  # fmt: skip
+                         tool_format=tool_format,
+                         parallel_tool_calls=_bool(body, "parallel_tool_calls", True))  # fmt: skip
 
 
 def _tool_format(body: dict, tokenizer: Any, stream: bool) -> str | None:

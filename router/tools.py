@@ -151,14 +151,15 @@ def parse_tool_calls(text: str, fmt: str) -> tuple[str | None, list[dict[str, An
 
 
 def chat_message(
-    text: str, finish: str | None, fmt: str | None
+    text: str, finish: str | None, fmt: str | None, parallel: bool = True
 ) -> tuple[dict[str, Any], str | None]:
     """The assistant message and finish reason of a non-streamed chat choice: with a
-    format, calls found in ``text`` become ``tool_calls`` and a choice that stopped on its
-    own finishes with ``"tool_calls"``."""
+    format, calls found in ``text`` become ``tool_calls`` (only the first unless
+    ``parallel``) and a choice that stopped on its own finishes with ``"tool_calls"``."""
     if fmt is None:
         return {"role": "assistant", "content": text}, finish
     content, calls = parse_tool_calls(text, fmt)
+    calls = calls if parallel else calls[:1]
     if not calls:
         return {"role": "assistant", "content": text}, finish
     return (

@@ -123,3 +123,12 @@ def test_chat_message_sets_tool_calls_and_finish_reason():
     assert chat_message(text, "length", "hermes")[1] == "length"
     assert chat_message("hi", "stop", "hermes") == ({"role": "assistant", "content": "hi"}, "stop")
     assert chat_message(text, "stop", None) == ({"role": "assistant", "content": text}, "stop")
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    two = '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {}}</tool_call>'
+    assert len(chat_message(two, "stop", "hermes")[0]["tool_calls"]) == 2
+    assert len(chat_message(two, "stop", "hermes", parallel=False)[0]["tool_calls"]) == 1
+    body = {"messages": HISTORY, "tools": TOOLS, "parallel_tool_calls": False}
+    assert parse_chat(body, TemplateTokenizer(), LIMITS).parallel_tool_calls is False
+    assert _refused({**body, "parallel_tool_calls": "no"}).param == "parallel_tool_calls"
