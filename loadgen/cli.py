@@ -157,18 +157,27 @@ def main(argv: Sequence[str] | None = None, prog: str = "tandem loadgen") -> int
         if not isinstance(extra, dict):
             parser.error("--extra-body must be a JSON object")
     tok_path = args.tokenizer or _default_tokenizer()
-    if tok_path is None:
-        parser.error("--tokenizer DIR is required (a model folder with tokenizer.json)")
-    try:
-        tok = PromptTokenizer(tok_path)
-    except TokenizerError as e:
-        parser.error(f"--tokenizer: {e}")
+    tok: PromptTokenizer | None = None
+    if tok_path is not None:
+        try:
+            tok = PromptTokenizer(tok_path)
+        except TokenizerError as e:
+            parser.error(f"--tokenizer: {e}")
     url = args.url.rstrip("/")
     try:
         model = args.model or _server_model(url)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: cannot reach --url {url}: {e}", file=sys.stderr)
         return 2
+    if tok is None:  # no local tokenizer: the server's /tokenize and /detokenize
+        from loadgen.remote_tokenizer import RemoteTokenizer
+
+        try:
+            tok = RemoteTokenizer(url, model)
+        except TokenizerError as e:
+            print(f"error: no --tokenizer given and {e}", file=sys.stderr)
+            return 2
+        tok_path = f"{url}/tokenize"
     num_requests = args.num_requests
     if num_requests is None and args.duration is None:
         num_requests = 100

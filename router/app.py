@@ -10,7 +10,9 @@ A request's life here:
    ``submit``.
 4. Token frames come back; the router detokenizes incrementally (never half a UTF-8
    character), applies stop strings (and tells the worker to abort on a match), and
-   writes SSE chunks or, without ``stream``, one JSON body at the end.
+   writes SSE chunks or, without ``stream``, one JSON body at the end. With ``n > 1`` each
+   choice is its own worker request (``{id}-{i}``); choices 1..n-1 are submitted once
+   choice 0's first token is back, so they hit its cached prompt blocks (``_run``).
 5. A client that disconnects, or a request past ``request_timeout``, is aborted at the
    worker, which frees its KV blocks within one iteration. A worker that dies ends its
    requests with an explicit error (an SSE error event, or HTTP 502).
@@ -19,10 +21,11 @@ Live migration (``router.migration``): every request in flight is tracked as a
 ``Flight`` (its route, decode worker and tokens so far); a move switches its owner
 without a gap in the stream; the rebalancer and drain pick what to move.
 
-Endpoints: POST /v1/completions, /v1/chat/completions, /generate; GET /v1/models,
-/health, /metrics, /openapi.json (``router.openapi``); the admin endpoints of
-``router.admin`` (/admin/migrate, /admin/drain/{worker}, /admin/workers). Who may call
-which is ``router.auth``'s middleware (API, admin and metrics keys; per-key concurrency).
+Endpoints: POST /v1/completions, /v1/chat/completions, /generate, /tokenize, /detokenize;
+GET /v1/models, /v1/models/{id}, /health, /metrics, /openapi.json (``router.openapi``); the
+admin endpoints of ``router.admin`` (/admin/migrate, /admin/drain/{worker}, /admin/workers).
+Who may call which is ``router.auth``'s middleware (API, admin and metrics keys; per-key
+concurrency).
 """
 
 from __future__ import annotations
@@ -53,9 +56,12 @@ from router.openai_api import (
     check_text,
     parse_chat,
     parse_completion,
+    parse_detokenize,
     parse_generate,
+    parse_tokenize,
 )
 from router.prefix_affinity import PrefixAffinity
+from router.tools import chat_message
 from router.workers import InOrder, Route, WorkerClient
 from tandem import protocol
 from tandem.detokenizer import IncrementalDetokenizer, special_token_ids
@@ -65,6 +71,19 @@ from tandem.tokenizer import FastTokenizer
 
 log = logging.getLogger("tandem.router")
 SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
+
+
+@dataclass
+class _Choice:
+    """One choice of an OpenAI request, as it is streamed: its text so far, logprob items,
+    finish reason, token count and when its first token came."""
+
+    index: int
+    text_parts: list[str] = field(default_factory=list)
+    lp_items: list[Any] = field(default_factory=list)
+    finish: str | None = None
+    n_out: int = 0
+    first_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +248,9 @@ class Router:
             web.post("/v1/chat/completions", self.chat_completions),
             web.post("/generate", self.generate),
             web.get("/v1/models", self.models),
+            web.get("/v1/models/{model_id:.+}", self.model_card),
+            web.post("/tokenize", self.tokenize),
+            web.post("/detokenize", self.detokenize),
             web.get("/health", self.health),
             web.get("/health/ready", self.health),
             web.get("/health/live", self.liveness),
@@ -268,15 +290,44 @@ class Router:
         """Liveness: the router's event loop answers (workers or not)."""
         return web.json_response({"status": "alive"})
 
-    async def models(self, request: web.Request) -> web.Response:
-        card = {
+    def _card(self) -> dict[str, Any]:
+        return {
             "id": self.config.served_model_name,
             "object": "model",
             "created": 0,
             "owned_by": "tandem",
             "max_model_len": self.max_model_len,
         }
-        return web.json_response({"object": "list", "data": [card]})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._card()]})
+
+    async def model_card(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{id}``: the served model's card, or 404 (OpenAI JSON)."""
+        model_id = request.match_info["model_id"]
+        if model_id != self.config.served_model_name:
+            return _error(ApiError(404, f"model {model_id!r} does not exist", "model"))
+        return web.json_response(self._card())
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``POST /tokenize`` (``openai_api.parse_tokenize``)."""
+        return await self._answer(request, parse_tokenize)
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``POST /detokenize`` (``openai_api.parse_detokenize``)."""
+        return await self._answer(request, parse_detokenize)
+
+    async def _answer(self, request: web.Request, fn) -> web.Response:
+        """A body answered by ``fn(body, tokenizer, limits)`` on the parse pool."""
+        try:
+            self._require_worker()  # limits (max_model_len, vocab) come from the workers
+            raw = await _body(request, self.config.body_timeout, self.config.max_body_bytes)
+            out = await asyncio.get_running_loop().run_in_executor(
+                self._parse_pool, _parse_body, raw, lambda b: fn(b, self.tokenizer, self.limits())
+            )
+        except ApiError as e:
+            return _error(e)
+        return web.json_response(out)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         stats = {w.address: w.stats for w in self.workers}
@@ -340,36 +391,36 @@ class Router:
         self.in_flight += 1
 
     async def _run(self, request: web.Request, p: ParsedRequest) -> web.StreamResponse:
+        """Serve ``p.n`` choices of one prompt and answer with one body or one SSE stream.
+
+        Choice 0 is submitted first; choices 1..n-1 are submitted once its first token is
+        back (or it ended), so the prompt's full blocks are already in the worker's prefix
+        cache and the later choices reuse them instead of recomputing (shared blocks, never
+        copied). Each choice is its own request at the workers (``{rid}-{i}``), with its own
+        reruns and migration; an error in one aborts them all. Usage counts the prompt once
+        and sums completion tokens over the choices."""
         rid = f"{'chatcmpl' if p.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         start = time.monotonic()  # JCT and the timeout include the wait for admission
-        wire = rid  # the id on the wire: a re-run gets a fresh one ("rid~n")
+        obj = "chat.completion.chunk" if p.chat else "text_completion"
+        response: web.StreamResponse | None = None
+        lock = asyncio.Lock()  # one SSE event at a time on the wire
+
+        async def emit(index: int, delta: str, finish: str | None, new_lp: Any) -> None:
+            if response is not None and (delta or finish is not None or new_lp is not None):
+                content = {"content": delta} if p.chat else delta
+                chunk = self._chunk(rid, created, obj, content, finish, new_lp, p, index)
+                async with lock:
+                    await _sse(response, chunk)
+
+        first_back = asyncio.Event()
         try:
-            worker, queue = await self._dispatch(rid, p)
+            first = self._dispatch_choice(rid, p, 0)
+            first_route = await first
         except ApiError as e:
             self.metrics.requests["error"] += 1
             return _error(e)
-        flight = self.migrator.track(
-            rid, wire, worker, len(p.prompt_token_ids), p.params.max_tokens
-        )
-        detok = IncrementalDetokenizer(
-            self.tokenizer,
-            p.prompt_token_ids,
-            skip_special_tokens=p.params.skip_special_tokens,
-            stop=p.params.stop,
-            include_stop_str_in_output=p.params.include_stop_str_in_output,
-            special_ids=self.special_ids,
-        )
-        obj = "chat.completion.chunk" if p.chat else "text_completion"
-        first_at: float | None = None
-        n_out = 0
-        text_parts: list[str] = []
-        lp_items: list[Any] = []
-        finish: str | None = None
-        response: web.StreamResponse | None = None
-        outcome = "abort"
-        out_ids: list[int] = []
-        reruns = 0
+        tasks = [asyncio.create_task(self._choice(p, rid, 0, start, emit, first_back, first_route))]
         try:
             if p.stream:
                 response = web.StreamResponse(
@@ -378,15 +429,79 @@ class Router:
                 await response.prepare(request)
                 request[_STREAMING] = True
                 if p.chat:
-                    await _sse(
-                        response,
-                        self._chunk(
-                            rid, created, obj, {"role": "assistant", "content": ""}, None, None, p
-                        ),
-                    )
+                    for i in range(p.n):
+                        role = {"role": "assistant", "content": ""}
+                        await _sse(response, self._chunk(rid, created, obj, role, None, None, p, i))
+            if p.n > 1:
+                await asyncio.wait([tasks[0], asyncio.create_task(first_back.wait())],
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                tasks += [
+                    asyncio.create_task(self._choice(p, rid, i, start, emit, None, None))
+                    for i in range(1, p.n)
+                ]
+            choices = await asyncio.gather(*tasks)
+            completion = sum(c.n_out for c in choices)
+            usage = {"prompt_tokens": len(p.prompt_token_ids), "completion_tokens": completion,
+                     "total_tokens": len(p.prompt_token_ids) + completion}  # fmt: skip
+            if response is not None:
+                if p.include_usage:
+                    await _sse(response, {"id": rid, "object": obj, "created": created,
+                                          "model": self.config.served_model_name, "choices": [], "usage": usage})  # fmt: skip
+                await response.write(b"data: [DONE]\n\n")
+                return response
+            return web.json_response(self._final(rid, created, choices, usage, p))
+        except ApiError as e:
+            if response is None:
+                return _error(e)
+            async with lock:
+                await _sse(response, e.body())
+            return response
+        finally:
+            for t in tasks:
+                t.cancel()  # on error or disconnect: each aborts its request at the workers
+
+    async def _dispatch_choice(self, rid: str, p: ParsedRequest, index: int):
+        cid = rid if p.n == 1 else f"{rid}-{index}"
+        return await self._dispatch(cid, replace(p, params=p.choice_params(index)))
+
+    async def _choice(
+        self, p: ParsedRequest, rid: str, index: int, start: float, emit,
+        first_back: asyncio.Event | None, route,
+    ) -> _Choice:  # fmt: skip
+        """One choice from dispatch (unless ``route`` is given) to its finish: detokenize,
+        apply stop strings, re-run on another worker if its worker dies; every update goes
+        to ``emit``. Sets ``first_back`` once its first token (or its end) is back."""
+        cid = rid if p.n == 1 else f"{rid}-{index}"
+        wire = cid  # the id on the wire: a re-run gets a fresh one ("cid~n")
+        if route is None:
+            try:
+                route = await self._dispatch_choice(rid, p, index)
+            except ApiError:
+                self.metrics.requests["error"] += 1
+                raise
+        worker, queue = route
+        params = p.choice_params(index)
+        pc = replace(p, params=params) if index else p
+        flight = self.migrator.track(cid, wire, worker, len(p.prompt_token_ids), params.max_tokens)
+        detok = IncrementalDetokenizer(
+            self.tokenizer,
+            p.prompt_token_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+            special_ids=self.special_ids,
+        )
+        c = _Choice(index)
+        outcome = "abort"
+        out_ids: list[int] = []
+        reruns = 0
+        try:
+            if p.echo_text:  # completions' echo: the prompt's text comes first
+                c.text_parts.append(p.echo_text)
+                await emit(index, p.echo_text, None, None)
             deadline = start + self.config.request_timeout
             order = InOrder()  # tokens may arrive on two sockets: deliver them in order
-            while finish is None:
+            while c.finish is None:
                 try:
                     item = await order.get(queue, deadline)
                 except asyncio.TimeoutError:
@@ -397,8 +512,8 @@ class Router:
                 logprobs = item.logprobs
                 rerunnable = item.error_kind is not None and item.error_kind.rerunnable
                 if rerunnable and reruns < self.config.max_reruns:
-                    new_wire = f"{rid}~{reruns + 1}"
-                    worker, queue = self._rerun(wire, new_wire, p, out_ids, worker)
+                    new_wire = f"{cid}~{reruns + 1}"
+                    worker, queue = self._rerun(wire, new_wire, pc, out_ids, worker)
                     self.migrator.retrack(flight, new_wire, worker)
                     wire = new_wire
                     reruns += 1
@@ -409,10 +524,10 @@ class Router:
                     raise ApiError(kind.http_status, error)
                 out_ids.extend(new_ids)
                 flight.n_out = len(out_ids)
-                if new_ids and first_at is None:
-                    first_at = time.monotonic()
-                    self.metrics.ttft.observe(first_at - start)
-                n_out += len(new_ids)
+                if new_ids and c.first_at is None:
+                    c.first_at = time.monotonic()
+                    self.metrics.ttft.observe(c.first_at - start)
+                c.n_out += len(new_ids)
                 update = detok.add_tokens(new_ids)
                 delta = update.delta
                 if update.stop_string is not None:
@@ -422,37 +537,27 @@ class Router:
                     delta += detok.flush()
                 new_lp = self._logprobs(new_ids, logprobs, p) if p.logprobs is not None else None
                 if new_lp is not None:
-                    lp_items.append(new_lp)
-                finish = reason
-                text_parts.append(delta)
-                if p.stream and (delta or finish is not None or new_lp is not None):
-                    content = {"content": delta} if p.chat else delta
-                    await _sse(response, self._chunk(rid, created, obj, content, finish, new_lp, p))
-            outcome = finish if finish in ("stop", "length") else "abort"
-            usage = {"prompt_tokens": len(p.prompt_token_ids), "completion_tokens": n_out,
-                     "total_tokens": len(p.prompt_token_ids) + n_out}  # fmt: skip
-            self._observe(start, first_at, n_out, len(p.prompt_token_ids))
-            if p.stream:
-                if p.include_usage:
-                    await _sse(response, {"id": rid, "object": obj, "created": created,
-                                          "model": self.config.served_model_name, "choices": [], "usage": usage})  # fmt: skip
-                await response.write(b"data: [DONE]\n\n")
-                return response
-            return web.json_response(
-                self._final(rid, created, "".join(text_parts), finish, lp_items, usage, p)
-            )
-        except ApiError as e:
+                    c.lp_items.append(new_lp)
+                c.finish = reason
+                c.text_parts.append(delta)
+                if first_back is not None and (new_ids or reason is not None):
+                    first_back.set()
+                await emit(index, delta, c.finish, new_lp)
+            outcome = c.finish if c.finish in ("stop", "length") else "abort"
+            n_prompt = len(p.prompt_token_ids) if index == 0 else 0
+            self._observe(start, c.first_at, c.n_out, n_prompt)
+            return c
+        except ApiError:
             outcome = "error"
             worker.abort(wire)
-            if response is None:
-                return _error(e)
-            await _sse(response, e.body())
-            return response
+            raise
         except (asyncio.CancelledError, ConnectionResetError):
             worker.abort(wire)  # the client went away: free the request everywhere
             raise
         finally:
-            self._end(worker, rid, wire, outcome)
+            if first_back is not None:
+                first_back.set()
+            self._end(worker, cid, wire, outcome)
 
     def _end(self, worker: Route, rid: str, wire: str, outcome: str) -> None:
         """A request's stream is over (any outcome): free it at its workers, let the
@@ -596,9 +701,9 @@ class Router:
         }
 
     def _chunk(
-        self, rid, created, obj, content, finish, logprobs, p: ParsedRequest
+        self, rid, created, obj, content, finish, logprobs, p: ParsedRequest, index: int = 0
     ) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish}
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish}
         if p.chat:
             choice["delta"] = content if finish is None or content.get("content") else {}
         else:
@@ -612,28 +717,32 @@ class Router:
         }
 
     def _final(
-        self, rid, created, text, finish, lp_items, usage, p: ParsedRequest
+        self, rid, created, choices: list[_Choice], usage, p: ParsedRequest
     ) -> dict[str, Any]:
-        if p.chat:
-            logprobs = (
-                {"content": [c for item in lp_items for c in item["content"]]}
-                if p.logprobs is not None
-                else None
-            )
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": finish}  # fmt: skip
-            obj = "chat.completion"
-        else:
-            logprobs = None
-            if p.logprobs is not None:
-                logprobs = {
-                    k: [v for item in lp_items for v in item[k]]
-                    for k in ("tokens", "token_logprobs", "top_logprobs")
-                }
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-            obj = "text_completion"
+        out = []
+        for c in choices:
+            text = "".join(c.text_parts)
+            if p.chat:
+                logprobs = (
+                    {"content": [x for item in c.lp_items for x in item["content"]]}
+                    if p.logprobs is not None
+                    else None
+                )
+                message, finish = chat_message(text, c.finish, p.tool_format, p.parallel_tool_calls)
+                out.append({"index": c.index, "message": message, "logprobs": logprobs,
+                            "finish_reason": finish})  # fmt: skip
+            else:
+                logprobs = None
+                if p.logprobs is not None:
+                    logprobs = {
+                        k: [v for item in c.lp_items for v in item[k]]
+                        for k in ("tokens", "token_logprobs", "top_logprobs")
+                    }
+                out.append({"index": c.index, "text": text, "logprobs": logprobs,
+                            "finish_reason": c.finish})  # fmt: skip
+        obj = "chat.completion" if p.chat else "text_completion"
         return {"id": rid, "object": obj, "created": created, "model": self.config.served_model_name,
-                "choices": [choice], "usage": usage}  # fmt: skip
+                "choices": out, "usage": usage}  # fmt: skip
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """Native API: token ids in, token ids streamed out (SSE of {"token_ids": [...]})."""

@@ -3,8 +3,11 @@
 Every problem raises ``ApiError`` with an HTTP status, a message and the offending
 parameter, which the app turns into OpenAI's error JSON. Accepted: temperature, top_p,
 top_k, min_p, max_tokens / max_completion_tokens, stop, seed, logprobs / top_logprobs,
-presence/frequency/repetition penalty, n=1, stream, stream_options.include_usage, and the
-extensions priority, ignore_eos, min_tokens, stop_token_ids.
+presence/frequency/repetition penalty, n, stream, stream_options.include_usage, and the
+extensions priority, ignore_eos, min_tokens, stop_token_ids; logit_bias; echo (not
+with logprobs: no prompt logprobs are computed). ``check_fields`` sorts every
+other field: accepted-and-ignored (``IGNORED``), not implemented (``REFUSED``: a 400
+unless at its neutral value) or unknown (a 400).
 
 Limits (each a 400 naming its field): the prompt's tokens (the context, or
 ``Limits.max_prompt_tokens``), ``max_tokens`` (must fit the context with the prompt, and
@@ -19,10 +22,12 @@ that cannot fit the context is refused from its length in characters, before tok
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from router.tools import ToolError, check_tool_calls, check_tools, detect_format
 from tandem.request import SamplingParams
 
 
@@ -52,15 +57,75 @@ class ParsedRequest:
     priority: int
     chat: bool
     logprobs: int | None  # top-n wanted (None = off)
+    n: int = 1  # choices: n samples of the prompt, choice i seeded with seed + i
+    echo_text: str | None = None  # completions' echo: the prompt text, before each choice
+    tool_format: str | None = None  # chat with tools: find calls in this format (router.tools)
+    parallel_tool_calls: bool = True  # False: at most the first call found is returned
+
+    def choice_params(self, index: int) -> SamplingParams:
+        """Choice ``index``'s parameters: a seeded request gives choice i the seed
+        ``seed + i`` (wrapping inside 64 bits), so choices differ yet each is reproducible;
+        an unseeded one leaves every choice unseeded."""
+        seed = self.params.seed
+        if seed is None or index == 0:
+            return self.params
+        seed = (seed + index - INT64_MIN) % 2**64 + INT64_MIN
+        return replace(self.params, seed=seed)
 
 
-_KNOWN = {
-    "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-    "top_k", "min_p", "n", "stream", "stream_options", "stop", "seed", "logprobs", "top_logprobs",
-    "presence_penalty", "frequency_penalty", "repetition_penalty", "priority", "ignore_eos",
-    "min_tokens", "stop_token_ids", "user", "echo", "best_of", "logit_bias", "suffix",
+# Every top-level field a body may carry, by what the server does with it. A field in
+# none of these sets is refused (400 naming it): nothing a client sends is silently
+# dropped. README's API table lists the same sets.
+SUPPORTED_COMPLETION = frozenset({
+    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream",
+    "stream_options", "stop", "seed", "logprobs", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "priority", "ignore_eos", "min_tokens", "stop_token_ids", "echo",
+    "best_of", "logit_bias", "suffix", "response_format", "guided_json", "guided_regex",
+    "guided_choice", "guided_grammar", "structured_outputs",
+})  # fmt: skip
+SUPPORTED_CHAT = (SUPPORTED_COMPLETION - {"prompt", "echo", "best_of", "suffix"}) | {
+    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+    "parallel_tool_calls", "functions", "function_call", "prediction", "audio", "modalities",
+    "web_search_options", "reasoning_effort",
 }  # fmt: skip
-_UNSUPPORTED = {"echo": False, "best_of": 1, "logit_bias": None, "suffix": None}
+# Accepted and ignored: they cannot change the tokens generated.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
+# Known OpenAI / vLLM fields not implemented, each accepted only at its neutral value(s):
+# anything else is a 400 naming the field.
+REFUSED: dict[str, tuple[Any, ...]] = {
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+    "prediction": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "web_search_options": (None,),
+    "reasoning_effort": (None,),
+}
+
+
+def check_fields(body: dict, chat: bool) -> None:
+    """Refuse (400, naming the field) any field that is unknown for this endpoint, or known
+    but not implemented and set to a value that would change the output."""
+    supported = SUPPORTED_CHAT if chat else SUPPORTED_COMPLETION
+    for key, value in body.items():
+        if key in IGNORED or (key in supported and key not in REFUSED):
+            continue
+        if key in supported:  # known, not implemented: only its neutral values pass
+            if any(type(value) is type(n) and value == n for n in REFUSED[key]):
+                continue
+            raise ApiError(
+                400, f"'{key}' is not supported by this server (only its default is)", key
+            )
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        raise ApiError(400, f"unrecognized request argument '{key}' for {endpoint}", key)
 
 
 MAX_STOP = 16  # stop strings per request
@@ -68,6 +133,7 @@ MAX_LOGPROBS = 20  # logprobs (completions) / top_logprobs (chat) per token
 
 # Integers cross msgpack (signed or unsigned 64-bit); anything wider is refused up front.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_N = 128  # choices per request
 
 
 @dataclass(frozen=True)
@@ -173,6 +239,39 @@ def _strings(body: Any) -> Iterator[tuple[str, str]]:
             stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
 
 
+MAX_LOGIT_BIAS = 1024  # entries per request
+
+
+def _logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: an object mapping token ids (as strings, or integers) to a
+    bias in [-100, 100]; ``None`` or ``{}`` is none."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ApiError(400, "'logit_bias' must be an object of token id -> bias", "logit_bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ApiError(400, f"'logit_bias' may have at most {MAX_LOGIT_BIAS} entries", "logit_bias")
+    pairs: dict[int, float] = {}
+    for key, bias in value.items():
+        token = key if isinstance(key, int) else None
+        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 20:
+            token = int(key)
+        if token is None or not 0 <= token < vocab_size:
+            raise ApiError(
+                400, f"'logit_bias' keys must be token ids in [0, {vocab_size}); got {key!r}",
+                "logit_bias",
+            )  # fmt: skip
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ApiError(
+                400, f"'logit_bias' values must be numbers in [-100, 100]; got {bias!r}",
+                "logit_bias",
+            )  # fmt: skip
+        if token in pairs:
+            raise ApiError(400, f"'logit_bias' names token {token} twice", "logit_bias")
+        pairs[token] = float(bias)
+    return tuple(sorted(pairs.items()))
+
+
 def _check_length(chars: int, limits: Limits, what: str) -> None:
     if chars > limits.max_prompt_chars:
         raise ApiError(
@@ -207,11 +306,10 @@ def _common(
     body: dict, default_max_tokens: int, limits: Limits, prompt_len: int, chat: bool
 ) -> tuple:
     max_model_len = limits.max_model_len
-    for key, neutral in _UNSUPPORTED.items():
-        if body.get(key, neutral) not in (neutral, None):
-            raise ApiError(400, f"'{key}' is not supported", key)
-    if _number(body, "n", 1, int) != 1:
-        raise ApiError(400, "only n=1 is supported", "n")
+    check_fields(body, chat)
+    n = _number(body, "n", 1, int)
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"'n' must be an integer in [1, {MAX_N}]", "n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     if max_tokens is None:
@@ -267,9 +365,17 @@ def _common(
         stream_options = {}
     if not isinstance(stream_options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    for key in stream_options:
+        if key != "include_usage":
+            raise ApiError(
+                400,
+                f"'stream_options.{key}' is not supported (only include_usage is)",
+                "stream_options",
+            )
     stream = _bool(body, "stream", False)
     include_usage = _bool(stream_options, "include_usage", False, "stream_options.include_usage")
     top_k = _number(body, "top_k", None, int)
+    logit_bias = _logit_bias(body.get("logit_bias"), limits.vocab_size)
     stop_ids = body.get("stop_token_ids")
     stop_ids = _token_ids(
         [] if stop_ids is None else stop_ids, "stop_token_ids", limits.vocab_size, True
@@ -290,12 +396,13 @@ def _common(
             stop_token_ids=tuple(stop_ids),
             ignore_eos=_bool(body, "ignore_eos", False),
             logprobs=logprobs,
+            logit_bias=logit_bias,
         )
     except ValueError as e:
         param = str(e).split(" ", 1)[0]
         raise ApiError(400, str(e), param) from None
     priority = _number(body, "priority", 0, int)
-    return params, stream, include_usage, priority, logprobs
+    return params, stream, include_usage, priority, logprobs, n
 
 
 def parse_completion(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
@@ -328,8 +435,17 @@ def parse_completion(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest
         raise ApiError(400, "'prompt' tokenizes to no tokens", "prompt")
     _check_prompt_tokens(len(ids), limits, "prompt")
     default = min(16, limits.max_tokens or 16)
-    params, stream, usage, prio, logprobs = _common(body, default, limits, len(ids), chat=False)
-    return ParsedRequest(ids, params, stream, usage, prio, chat=False, logprobs=logprobs)
+    params, stream, usage, prio, logprobs, n = _common(
+        body, default, limits, len(ids), chat=False
+    )
+    echo_text = None
+    if _bool(body, "echo", False):
+        if logprobs is not None:
+            # The engine computes no prompt logprobs: echo's logprobs would be half-empty.
+            raise ApiError(400, "'echo' together with 'logprobs' is not supported", "echo")
+        echo_text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
+    return ParsedRequest(ids, params, stream, usage, prio, chat=False, logprobs=logprobs, n=n,
+                         echo_text=echo_text)  # fmt: skip
 
 
 _ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -357,10 +473,48 @@ def _message_text(i: int, content: Any) -> str:
     )
 
 
-def parse_chat(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    _check_model(body, limits.served)
+def _clean_message(i: int, m: dict, template: str) -> dict[str, Any]:
+    """One history message as the chat template gets it."""
+    role = "system" if m["role"] == "developer" else m["role"]
+    calls = m.get("tool_calls")
+    if role == "assistant" and calls:
+        if "tool_calls" not in template:
+            raise ApiError(400, "this model's chat template does not render tool_calls", "messages")
+        try:
+            calls = check_tool_calls(i, calls)
+        except ToolError as e:
+            raise ApiError(400, str(e), "messages") from None
+        content = m.get("content")
+        text = "" if content is None else _message_text(i, content)
+        return {"role": role, "content": text, "tool_calls": calls}
+    if calls:
+        raise ApiError(400, f"messages[{i}]: only assistant messages have tool_calls", "messages")
+    out: dict[str, Any] = {"role": role, "content": _message_text(i, m.get("content"))}
+    if role == "tool":
+        if "tool" not in template.replace("tools", ""):
+            raise ApiError(400, "this model's chat template does not render tool messages",
+                           "messages")  # fmt: skip
+        call_id = m.get("tool_call_id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise ApiError(400, f"messages[{i}].tool_call_id must be a string", "messages")
+        out["tool_call_id"] = call_id or ""
+    if isinstance(m.get("name"), str):
+        out["name"] = m["name"]
+    return out
+
+
+def _chat_text(body: dict, tokenizer: Any, limits: Limits, add_generation_prompt: bool) -> str:
+    """The conversation in ``body["messages"]`` (and ``body["tools"]``) through the chat
+    template. Tool messages, assistant ``tool_calls`` and tools are refused (400) when the
+    template does not mention them: it would drop them silently."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    tools = body.get("tools")
+    try:
+        tools = check_tools(tools) if tools else None
+    except ToolError as e:
+        raise ApiError(400, str(e), "tools") from None
+    if tools and "tools" not in template:
+        raise ApiError(400, "this model's chat template does not render tools", "tools")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
@@ -372,22 +526,61 @@ def parse_chat(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
                 f"messages[{i}] needs a 'role' of system, user, assistant, developer or tool",
                 "messages",
             )
-        content = _message_text(i, m.get("content"))
-        clean.append(
-            {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
-        )
-    _check_length(sum(len(m["content"]) for m in clean), limits, "the conversation")
+        clean.append(_clean_message(i, m, template))
+    _check_length(
+        sum(len(m["content"]) for m in clean) + len(json.dumps(tools or [])),
+        limits,
+        "the conversation",
+    )
+    kwargs = {"tools": tools} if tools else {}
     try:
-        text = tokenizer.apply_chat_template(clean, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            clean, add_generation_prompt=add_generation_prompt, **kwargs
+        )
     except Exception as e:  # template errors are the request's problem
         raise ApiError(400, f"chat template: {e}", "messages") from None
+    return text
+
+
+def parse_chat(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    _check_model(body, limits.served)
+    text = _chat_text(body, tokenizer, limits, True)
     ids = tokenizer.encode(text, add_special_tokens=False)
     _check_prompt_tokens(len(ids), limits, "messages")
     default = max(1, limits.max_model_len - len(ids))
     if limits.max_tokens is not None:
         default = min(default, limits.max_tokens)
-    params, stream, usage, prio, logprobs = _common(body, default, limits, len(ids), chat=True)
-    return ParsedRequest(ids, params, stream, usage, prio, chat=True, logprobs=logprobs)
+    params, stream, usage, prio, logprobs, n = _common(body, default, limits, len(ids), chat=True)
+    tool_format = _tool_format(body, tokenizer, stream)
+    return ParsedRequest(ids, params, stream, usage, prio, chat=True, logprobs=logprobs, n=n,
+                         tool_format=tool_format,
+                         parallel_tool_calls=_bool(body, "parallel_tool_calls", True))  # fmt: skip
+
+
+def _tool_format(body: dict, tokenizer: Any, stream: bool) -> str | None:
+    """How to find tool calls in the output: None unless ``tools`` are given and
+    ``tool_choice`` is ``auto`` (their default); ``none`` renders them but parses nothing;
+    ``required`` and a named function need structured outputs (refused)."""
+    choice = body.get("tool_choice")
+    if not body.get("tools"):
+        if choice not in (None, "none"):
+            raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice")
+        return None
+    if choice == "none":
+        return None
+    if choice not in (None, "auto"):
+        raise ApiError(400, "'tool_choice' may be 'auto' or 'none' (forcing a call is not "
+                       "supported yet)", "tool_choice")  # fmt: skip
+    fmt = detect_format(getattr(tokenizer, "chat_template", None))
+    if fmt is None:
+        raise ApiError(400, "tool calls cannot be parsed for this model's chat template "
+                       "(known formats: hermes, mistral, llama3_json)", "tools")  # fmt: skip
+    if stream:
+        raise ApiError(400, "streamed tool calls are not supported yet: use stream=false "
+                       "with tools", "stream")  # fmt: skip
+    return fmt
 
 
 def parse_generate(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
@@ -411,4 +604,51 @@ def parse_generate(body: Any, tokenizer: Any, limits: Limits) -> ParsedRequest:
     if not isinstance(sp, dict):
         raise ApiError(400, "'sampling_params' must be an object", "sampling_params")
     as_completion = {"max_tokens": 16, **sp, "prompt": ids, "stream": True, "model": None}
-    return parse_completion(as_completion, tokenizer, limits)
+    parsed = parse_completion(as_completion, tokenizer, limits)
+    if parsed.n != 1:
+        raise ApiError(400, "'sampling_params.n' must be 1 for /generate", "sampling_params")
+    return parsed
+
+
+def parse_tokenize(body: Any, tokenizer: Any, limits: Limits) -> dict[str, Any]:
+    """vLLM's ``POST /tokenize``: ``{"prompt": str, "add_special_tokens": true}`` or
+    ``{"messages": [...], "add_generation_prompt": true}`` (the chat template, as
+    /v1/chat/completions applies it); ``return_token_strs`` adds each token's text. Answers
+    ``{"count", "max_model_len", "tokens"[, "token_strs"]}``."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    _check_model(body, limits.served)
+    known = {"model", "prompt", "messages", "tools", "add_special_tokens",
+             "add_generation_prompt", "return_token_strs"}  # fmt: skip
+    for key in body:
+        if key not in known:
+            raise ApiError(400, f"unrecognized request argument '{key}' for /tokenize", key)
+    if ("prompt" in body) == ("messages" in body):
+        raise ApiError(400, "give exactly one of 'prompt' or 'messages'", "prompt")
+    if "prompt" in body:
+        prompt = body["prompt"]
+        if not isinstance(prompt, str):
+            raise ApiError(400, "'prompt' must be a string", "prompt")
+        _check_length(len(prompt), limits, "the prompt")
+        ids = tokenizer.encode(prompt, add_special_tokens=_bool(body, "add_special_tokens", True))
+    else:
+        text = _chat_text(body, tokenizer, limits, _bool(body, "add_generation_prompt", True))
+        ids = tokenizer.encode(text, add_special_tokens=_bool(body, "add_special_tokens", False))
+    out: dict[str, Any] = {"count": len(ids), "max_model_len": limits.max_model_len,
+                           "tokens": ids}  # fmt: skip
+    if _bool(body, "return_token_strs", False):
+        out["token_strs"] = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    return out
+
+
+def parse_detokenize(body: Any, tokenizer: Any, limits: Limits) -> dict[str, Any]:
+    """vLLM's ``POST /detokenize``: ``{"tokens": [ids]}`` → ``{"prompt": text}`` (special
+    tokens kept, as vLLM does)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    _check_model(body, limits.served)
+    for key in body:
+        if key not in ("model", "tokens"):
+            raise ApiError(400, f"unrecognized request argument '{key}' for /detokenize", key)
+    ids = _token_ids(body.get("tokens"), "tokens", limits.vocab_size, True)
+    return {"prompt": tokenizer.decode(ids, skip_special_tokens=False)}

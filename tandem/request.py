@@ -88,6 +88,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # (token id, bias) pairs, ids unique and sorted: the bias is added to the token's logit
+    # after penalties, before min_tokens and temperature (OpenAI's logit_bias). A dict
+    # {id: bias} or any iterable of pairs is accepted and normalised.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         # Accept lists/strings from callers but store tuples so the object stays hashable.
@@ -96,6 +100,18 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        pairs = tuple(sorted((t, b) for t, b in bias))
+        object.__setattr__(self, "logit_bias", pairs)
+        _check(
+            all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t, _ in pairs)
+            and len({t for t, _ in pairs}) == len(pairs),
+            "logit_bias token ids must be distinct integers >= 0",
+        )
+        _check(
+            all(_finite(b) and -100.0 <= b <= 100.0 for _, b in pairs),
+            "logit_bias values must be numbers in [-100, 100]",
+        )
         _check(
             isinstance(self.max_tokens, int) and self.max_tokens >= 1,
             "max_tokens must be an integer >= 1",

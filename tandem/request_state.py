@@ -17,6 +17,7 @@ def params_to_wire(params: SamplingParams) -> dict[str, Any]:
     d = asdict(params)
     d["stop"] = list(params.stop)
     d["stop_token_ids"] = list(params.stop_token_ids)
+    d["logit_bias"] = [[t, b] for t, b in params.logit_bias]
     return d
 
 
@@ -32,6 +33,7 @@ def params_from_wire(d: dict[str, Any]) -> SamplingParams:
             **d,
             "stop": tuple(d.get("stop", ())),
             "stop_token_ids": tuple(d.get("stop_token_ids", ())),
+            "logit_bias": tuple(tuple(pair) for pair in d.get("logit_bias", ())),
         }
     )
 

@@ -88,9 +88,13 @@ class FastTokenizer:
         return self.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """Render ``messages`` to the prompt text (tokenize it with add_special_tokens=False)."""
+        """Render ``messages`` (and ``tools``, as transformers passes them) to the prompt
+        text (tokenize it with add_special_tokens=False)."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template; use /v1/completions")
         if self._template is None:
@@ -114,6 +118,7 @@ class FastTokenizer:
             self._template = env.from_string(self.chat_template)
         return self._template.render(
             messages=messages,
+            tools=tools,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",

@@ -8,6 +8,8 @@ in order, follows vLLM v1 and the OpenAI API:
    ``repetition_penalty`` (HF/vLLM): for every token seen in prompt + output, a positive
    logit is divided by it and a non-positive one multiplied. Then, over OUTPUT tokens only
    (OpenAI): ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``.
+   **logit_bias** (rows with one): each ``(token id, bias)`` pair is added to that
+   token's logit (ids outside the logits' columns are skipped).
 2. **min_tokens**: while ``len(output_token_ids) < min_tokens`` the row's
    ``stop_token_ids`` and, unless ``ignore_eos``, its ``eos_token_ids`` get logit ``-inf``
    (with ``ignore_eos`` EOS does not stop the request, so there is nothing to hold back).
@@ -117,6 +119,8 @@ class Sampler:
         if penalised:
             index = _on(penalised, work.device)
             work[index] = apply_penalties(work[index], [rows[i] for i in penalised])
+        if any(row.params.logit_bias for row in rows):
+            work = apply_logit_bias(work, rows)
         work = apply_min_tokens(work, rows)
 
         random_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
@@ -177,9 +181,14 @@ class Sampler:
 
 
 def is_plain_greedy(row: SamplingRow) -> bool:
-    """Its token is the plain argmax of its logits (no penalty, no min_tokens mask)."""
+    """Its token is the plain argmax of its logits (no penalty, bias or min_tokens mask)."""
     params = row.params
-    return params.greedy and not params.has_penalties and row.num_output >= params.min_tokens
+    return (
+        params.greedy
+        and not params.has_penalties
+        and not params.logit_bias
+        and row.num_output >= params.min_tokens
+    )
 
 
 def _column(values: list[float], device: torch.device) -> float | torch.Tensor:
@@ -256,6 +265,25 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     logits = torch.where(logits > 0, logits / scale, logits * scale)
     logits -= per_row([row.params.frequency_penalty for row in rows]) * output_counts
     logits -= per_row([row.params.presence_penalty for row in rows]) * in_output
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Add each row's ``logit_bias`` to its tokens' logits, in place (one scatter)."""
+    vocab = logits.shape[1]
+    row_index: list[int] = []
+    token_index: list[int] = []
+    values: list[float] = []
+    for i, row in enumerate(rows):
+        for token, bias in row.params.logit_bias:
+            if token < vocab:
+                row_index.append(i)
+                token_index.append(token)
+                values.append(float(bias))
+    if row_index:
+        index = _on([row_index, token_index], logits.device)
+        logits.index_put_((index[0], index[1]), _on(values, logits.device, logits.dtype),
+                          accumulate=True)  # fmt: skip
     return logits
 
 

@@ -164,3 +164,26 @@ def test_bad_flags_and_unreachable_server_fail_clearly(server, tiny_llama_dir, t
     bad.write_text('{"prompt_len": 5, "output_len": 3}\n{"prompt_len": 5}\n')
     proc = _loadgen("--url", server, *tok, "--dataset-path", str(bad), check=False)
     assert proc.returncode == 2 and "line 2" in proc.stderr and "output_len" in proc.stderr
+
+
+def test_without_a_tokenizer_loadgen_uses_the_servers(server, tmp_path):
+    """No --tokenizer and no bundled model (an empty cache dir): prompts and counts come
+    from the server's /tokenize and /detokenize, and agree with what it served."""
+    import os
+
+    env = {**os.environ, "TANDEM_CACHE_DIR": str(tmp_path / "empty-cache")}
+    out = tmp_path / "run"
+    before = metrics(server)
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadgen", "--url", server, "--workload", "random",
+         "--num-requests", "6", "--input-len", "40", "--output-len", "4", "--ignore-eos",
+         "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    served = _served(before, metrics(server))
+    results = json.loads((out / "results.json").read_text())
+    assert results["completed"] == served["completed"] == 6
+    assert results["total_input_tokens"] == served["prompt_tokens"]
+    assert results["total_input_tokens"] == pytest.approx(6 * 40, rel=0.1)
+    assert results["config"]["tokenizer"] == server + "/tokenize"

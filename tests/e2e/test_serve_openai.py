@@ -121,7 +121,33 @@ def _post(url, path, body, raw=False):
         ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
         ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
         ("/v1/completions", {"prompt": "x", "max_tokens": 10**7}, 400, "max_tokens"),
-        ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+        ("/v1/completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+        ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_object"},
+            },
+            400,
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            },
+            400,
+            "tools",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
+            400,
+            "tool_choice",
+        ),
         ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "prompt"),
         ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "stop"),
         ("/v1/completions", {"prompt": "x", "model": "gpt-9"}, 404, "model"),
@@ -207,3 +233,113 @@ def test_dropped_streams_free_every_block(server):
     else:
         pytest.fail(f"blocks still used after the clients left:\n{text}")
     assert 'tandem_requests_total{outcome="abort"}' in text
+
+
+def _wait_metric(url: str, name: str, at_least: float, timeout: float = 20.0) -> float:
+    from tests.e2e.servers import metrics
+
+    deadline = time.time() + timeout
+    while True:
+        total = sum(v for k, v in metrics(url).items() if k.startswith(name + "{"))
+        if total >= at_least or time.time() > deadline:
+            return total
+        time.sleep(0.3)
+
+
+def test_n_choices_share_the_prompt_blocks(server):
+    """n=4: four indexed choices; choices 1-3 reuse choice 0's 6 cached full prompt blocks
+    (visible as prefix hit tokens in /metrics); usage sums completion tokens; choice i is
+    the same as one request seeded with seed + i."""
+    client = _client(server)
+    prompt = [(53 * i) % 1500 + 20 for i in range(100)]  # 6 full blocks of 16 + 4 tokens
+    hits = "tandem_worker_prefix_cache_hit_tokens_total"
+    before = _wait_metric(server, hits, 0)
+    r = client.completions.create(
+        model="tiny", prompt=prompt, n=4, max_tokens=8, temperature=1.0, seed=7
+    )
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert r.usage.prompt_tokens == 100 and r.usage.completion_tokens == 32
+    assert _wait_metric(server, hits, before + 3 * 96) - before == 3 * 96
+    by_index = {c.index: c.text for c in r.choices}
+    for i in (0, 3):
+        one = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=8, temperature=1.0, seed=7 + i
+        )
+        assert one.choices[0].text == by_index[i]
+    assert len(set(by_index.values())) > 1  # different seeds, different samples
+
+
+def test_n_choices_streamed_chat_match_non_streamed(server):
+    client = _client(server)
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Tell me a story"}], n=3,
+              max_tokens=10, temperature=0.8, seed=11)  # fmt: skip
+    whole = client.chat.completions.create(**kw)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    texts: dict[int, str] = {0: "", 1: "", 2: ""}
+    finished = set()
+    chunks = list(client.chat.completions.create(**kw, stream=True,
+                                                 stream_options={"include_usage": True}))  # fmt: skip
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason is not None:
+                finished.add(c.index)
+    assert finished == {0, 1, 2}
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 30
+
+
+def test_logit_bias_changes_the_greedy_token(server, offline):
+    client = _client(server)
+    tok = offline.get_tokenizer()
+    x = tok.encode(" fox", add_special_tokens=False)[-1]
+    kw = dict(model="tiny", prompt="Hello, Tandem!", max_tokens=3, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    biased = client.completions.create(**kw, logit_bias={str(x): 100}).choices[0].text
+    assert biased == tok.decode([x, x, x]) != plain
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0,
+        logit_bias={str(x): 100},
+    )  # fmt: skip
+    assert chat.choices[0].message.content == tok.decode([x, x])
+    status, body = _post(server, "/v1/completions", {"prompt": "x", "logit_bias": {"5": 300}})
+    assert status == 400 and body["error"]["param"] == "logit_bias"
+
+
+def test_echo_prepends_the_prompt(server):
+    client = _client(server)
+    kw = dict(model="tiny", prompt="Hello, Tandem!", max_tokens=5, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    echoed = client.completions.create(**kw, echo=True, n=2)
+    assert [c.text for c in echoed.choices] == ["Hello, Tandem!" + plain] * 2
+    stream = client.completions.create(**kw, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == "Hello, Tandem!" + plain
+    status, body = _post(server, "/v1/completions", {**kw, "echo": True, "logprobs": 1})
+    assert status == 400 and body["error"]["param"] == "echo"
+
+
+def test_model_card_tokenize_and_detokenize(server, offline):
+    client = _client(server)
+    assert client.models.retrieve("tiny").id == "tiny"
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        client.models.retrieve("gpt-9")
+    try:
+        urllib.request.urlopen(server + "/v1/models/gpt-9", timeout=5)
+        raise AssertionError("an unknown model must be a 404")
+    except urllib.error.HTTPError as e:
+        assert e.code == 404 and json.loads(e.read())["error"]["param"] == "model"
+    tok = offline.get_tokenizer()
+    text = "Café au lait and 日本語 🙂"
+    status, out = _post(server, "/tokenize", {"model": "tiny", "prompt": text})
+    assert status == 200 and out["tokens"] == tok(text).input_ids
+    assert out["count"] == len(out["tokens"]) and out["max_model_len"] > 0
+    status, back = _post(server, "/detokenize", {"tokens": out["tokens"]})
+    assert status == 200 and back["prompt"] == tok.decode(out["tokens"])
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    chat_text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    status, out = _post(server, "/tokenize", {"messages": messages})
+    assert out["tokens"] == tok(chat_text, add_special_tokens=False).input_ids
+    assert _post(server, "/tokenize", {"prompt": 5})[0] == 400
+    assert _post(server, "/detokenize", {"tokens": [10**9]})[0] == 400

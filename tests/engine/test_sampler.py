@@ -301,3 +301,32 @@ def test_input_logits_not_modified() -> None:
     Sampler(seed=0)(logits, rows)
     Sampler(seed=0)(logits, [make_row(GREEDY)] * 5)
     assert torch.equal(logits, before)
+
+
+def test_logit_bias_changes_the_greedy_token() -> None:
+    logits = random_logits(3, 50, seed=4)
+    plain = Sampler()(logits, [make_row(SamplingParams(temperature=0.0))] * 3).token_ids
+    target = [(t + 1) % 50 for t in plain]
+    rows = [make_row(SamplingParams(temperature=0.0, logit_bias={t: 100.0})) for t in target]
+    rows[2] = make_row(SamplingParams(temperature=0.0))  # an unbiased row in the same batch
+    assert Sampler()(logits, rows).token_ids == [target[0], target[1], plain[2]]
+    banned = make_row(SamplingParams(temperature=0.0, logit_bias={plain[0]: -100.0}))
+    assert Sampler()(logits[:1], [banned]).token_ids != [plain[0]]
+
+
+def test_logit_bias_applies_to_sampled_rows_and_skips_ids_past_the_vocabulary() -> None:
+    logits = torch.zeros(1, 8)
+    row = make_row(SamplingParams(temperature=1.0, seed=3, logit_bias={5: 100.0, 99: -50.0}))
+    assert all(Sampler()(logits, [row]).token_ids == [5] for _ in range(5))
+    assert torch.equal(logits, torch.zeros(1, 8))  # the caller's logits are untouched
+
+
+def test_logit_bias_validation_and_wire_round_trip() -> None:
+    from tandem.protocol import params_from_wire, params_to_wire
+
+    p = SamplingParams(logit_bias={9: -1.5, 2: 3})
+    assert p.logit_bias == ((2, 3), (9, -1.5))
+    assert params_from_wire(params_to_wire(p)) == p
+    for bad in ({-1: 1.0}, {1: 101.0}, {1: float("nan")}, [(1, 1.0), (1, 2.0)]):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)

@@ -49,11 +49,19 @@ def test_prompt_text_far_past_the_cap_is_refused_before_tokenizing():
     assert info.value.param == "prompt" and tok.encoded == 0
 
 
-@pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens"])
-def test_max_tokens_over_the_limit_is_400_naming_it(key):
-    e = _error(parse_completion, {"prompt": "hi", key: 11})
+@pytest.mark.parametrize(
+    "key, parse, body",
+    [
+        ("max_tokens", parse_completion, {"prompt": "hi"}),
+        ("max_tokens", parse_chat, {"messages": [{"role": "user", "content": "hi"}]}),
+        # a chat field only (OpenAI's completions API has no max_completion_tokens)
+        ("max_completion_tokens", parse_chat, {"messages": [{"role": "user", "content": "hi"}]}),
+    ],
+)
+def test_max_tokens_over_the_limit_is_400_naming_it(key, parse, body):
+    e = _error(parse, {**body, key: 11})
     assert e.status == 400 and e.param == key and "at most 10" in e.message
-    ok = parse_completion({"prompt": "hi", key: 10}, CountingTokenizer(), CAPPED)
+    ok = parse({**body, key: 10}, CountingTokenizer(), CAPPED)
     assert ok.params.max_tokens == 10
 
 
