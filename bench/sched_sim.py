@@ -40,9 +40,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing as mp
 import shlex
 import sys
-import multiprocessing as mp
 import time
 from pathlib import Path
 
@@ -146,7 +146,11 @@ def simulate(args: tuple) -> dict:
         out = sched.schedule()
         if not out.chunks:
             if out.swap_out or out.swap_in or out.offload or out.prefetch:
-                clock[0] += sum(len(c.src) for c in (*out.swap_out, *out.swap_in)) * opts["swap_s_per_block"] + 1e-4
+                clock[0] += (
+                    sum(len(c.src) for c in (*out.swap_out, *out.swap_in))
+                    * opts["swap_s_per_block"]
+                    + 1e-4
+                )
                 sched.update_from_output(out, RunnerOutput(sampled={}), seconds=1e-4)
                 continue
             if i < n:
