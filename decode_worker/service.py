@@ -405,7 +405,8 @@ class WorkerService:
 
     def _prediction_error(self) -> dict[str, Any]:
         """alise's output-length prediction error (issue 15); nothing for other policies."""
-        error = getattr(self.engine.scheduler.policy, "prediction_error", None)
+        policy = getattr(self.engine.scheduler, "policy", None)
+        error = getattr(policy, "prediction_error", None)
         if error is None:
             return {}
         e = error()
