@@ -11,7 +11,25 @@ requests at t=0, fcfs); each load level is that fraction of it, as Poisson arriv
 Cost model (default): a Llama-3-8B-class model on one H100-class GPU, from first
 principles — decode: 8 ms of weight reads + 0.05 ms per sequence + 64 ns per context token
 of KV (128 KiB/token at ~2 TB/s); prefill: 32 µs per token (16 GFLOP/token at ~500 TFLOP/s).
-Pass ``--cost-model FILE`` (JSON of CostModel) for a profiled one.
+Pass ``--cost-model FILE`` for a profiled one: the JSON that ``tandem profile-cost-model
+FILE`` writes and ``tandem serve --cost-model FILE`` reads (``CostModel.save`` format).
+
+KV memory: ``--kv-blocks`` device blocks of 16 tokens; a request that does not fit is
+preempted by the real scheduler — by recompute (its prefill runs again, charged by the
+cost model like any prefill) or, with ``--host-kv-blocks``, by swap to the host tier. A
+swap-out or swap-in that the iteration waits for costs ``blocks · 16 · --kv-bytes-per-token
+/ --swap-gbps`` on the clock; proactive offload and prefetch overlap the forward pass
+(side stream) and cost nothing here.
+
+Regimes (``--regime``, each sets defaults that explicit flags override):
+- ``batch-bound``: 16,384 KV blocks (256k tokens), batch 64: the batch size limits.
+- ``memory-bound``: 1,024 KV blocks (16k tokens) and a 16,384-block host tier with swap
+  preemption: KV memory limits, preemption costs PCIe time.
+- ``long-prompt``: prompts 8× longer (ShareGPT-like: mean ~1.3k tokens, cut at 8,192):
+  prefill dominates and skip-join matters.
+
+Arrivals: ``--burstiness`` is the gamma shape of the gaps (1 = Poisson, 0.25 = bursty).
+``--json FILE`` writes every run's numbers with the command line.
 
     python bench/sched_sim.py                                  # 10,000 requests, both workloads
     python bench/sched_sim.py --num-requests 2000 --loads 0.5,0.9 --workloads alpaca-like
@@ -20,7 +38,11 @@ Pass ``--cost-model FILE`` (JSON of CostModel) for a profiled one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import multiprocessing as mp
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -43,10 +65,19 @@ H100_LLAMA3_8B = CostModel(
     decode_per_ctx_token=6.4e-8,
 )
 
+REGIMES = {
+    "batch-bound": {"max_num_seqs": 64, "kv_blocks": 16384, "host_kv_blocks": 0, "prompt_scale": 1},
+    "memory-bound": {
+        "max_num_seqs": 64, "kv_blocks": 1024, "host_kv_blocks": 16384, "prompt_scale": 1,
+    },
+    "long-prompt": {"max_num_seqs": 64, "kv_blocks": 16384, "host_kv_blocks": 0, "prompt_scale": 8},
+}  # fmt: skip
+
 VARIANTS = {
     "fcfs": ("fcfs", {}),
     "mlfq-noskip": ("mlfq", {"skip_join": False}),
     "mlfq": ("mlfq", {"skip_join": True}),
+    "mlfq-fastserve": ("mlfq", {"skip_join": True, "order": "fastserve"}),
     "alise": ("alise", {}),
     "srpt-oracle": ("oracle", {}),
 }
@@ -72,6 +103,7 @@ def simulate(args: tuple) -> dict:
         max_num_batched_tokens=opts["budget"],
         policy="fcfs" if policy_name == "oracle" else policy_name,
         starvation_limit=opts["starvation_limit"],
+        preemption_mode="swap" if opts["host_kv_blocks"] else "recompute",
     )
     if policy_name == "oracle":
         policy = OracleSRPT()
@@ -81,7 +113,9 @@ def simulate(args: tuple) -> dict:
         )
     sched = Scheduler(
         sched_cfg,
-        CacheConfig(block_size=16, num_blocks=opts["kv_blocks"]),
+        CacheConfig(
+            block_size=16, num_blocks=opts["kv_blocks"], num_host_blocks=opts["host_kv_blocks"]
+        ),
         policy=policy,
         clock=lambda: clock[0],
         cost_model=cost,
@@ -91,6 +125,7 @@ def simulate(args: tuple) -> dict:
     finish_times: list[float] = []
     i, n = 0, len(reqs)
     iterations = 0
+    swap_blocks = 0
     while i < n or sched.requests:
         while i < n and arrivals[i] <= clock[0]:
             r = reqs[i]
@@ -110,6 +145,14 @@ def simulate(args: tuple) -> dict:
             continue
         out = sched.schedule()
         if not out.chunks:
+            if out.swap_out or out.swap_in or out.offload or out.prefetch:
+                clock[0] += (
+                    sum(len(c.src) for c in (*out.swap_out, *out.swap_in))
+                    * opts["swap_s_per_block"]
+                    + 1e-4
+                )
+                sched.update_from_output(out, RunnerOutput(sampled={}), seconds=1e-4)
+                continue
             if i < n:
                 clock[0] = max(clock[0], float(arrivals[i]))
                 continue
@@ -118,6 +161,9 @@ def simulate(args: tuple) -> dict:
         decodes = sum(1 for c in out.chunks if c.num_tokens == 1)
         context = sum(c.start_pos + c.num_tokens for c in out.chunks)
         dt = cost.iteration_time(prefill, decodes, context)
+        swapped = sum(len(c.src) for c in (*out.swap_out, *out.swap_in))
+        dt += swapped * opts["swap_s_per_block"]
+        swap_blocks += swapped
         clock[0] += dt
         runner_out = RunnerOutput(sampled={c.request.request_id: 7 for c in out.chunks if c.sample})
         for ev in sched.update_from_output(out, runner_out, seconds=dt):
@@ -136,6 +182,7 @@ def simulate(args: tuple) -> dict:
         "makespan": clock[0],
         "iterations": iterations,
         "preemptions": sched.num_preemptions,
+        "swap_blocks": swap_blocks,
         "completed": len(jct),
         "finish_times": finish_times,
     }
@@ -163,9 +210,17 @@ def main() -> None:
     ap.add_argument("--workloads", default="sharegpt-like,alpaca-like")
     ap.add_argument("--loads", default="0.5,0.7,0.8,0.9,0.95")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--regime", choices=sorted(REGIMES), default="batch-bound")
+    ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--budget", type=int, default=2048, help="token budget per iteration")
-    ap.add_argument("--kv-blocks", type=int, default=16384)
+    ap.add_argument("--kv-blocks", type=int, default=None)
+    ap.add_argument("--host-kv-blocks", type=int, default=None, help="host tier (swap preemption)")
+    ap.add_argument("--prompt-scale", type=int, default=None, help="prompt length multiplier")
+    ap.add_argument("--swap-gbps", type=float, default=25.0, help="host<->device GB/s")
+    ap.add_argument(
+        "--kv-bytes-per-token", type=int, default=131072, help="KV bytes/token (Llama-3-8B bf16)"
+    )
+    ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--starvation-limit", type=float, default=60.0)
     ap.add_argument(
         "--cost-model", default=None, help="JSON CostModel file (default: H100-class Llama-3-8B)"
@@ -184,11 +239,17 @@ def main() -> None:
         if v not in VARIANTS:
             ap.error(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
     cost = CostModel.load(args.cost_model) if args.cost_model else H100_LLAMA3_8B
+    regime = REGIMES[args.regime]
+    for key, value in regime.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     opts = {
         "max_num_seqs": args.max_num_seqs,
         "budget": args.budget,
         "kv_blocks": args.kv_blocks,
+        "host_kv_blocks": args.host_kv_blocks,
         "starvation_limit": args.starvation_limit,
+        "swap_s_per_block": 16 * args.kv_bytes_per_token / (args.swap_gbps * 1e9),
     }
     loads = [float(x) for x in args.loads.split(",")]
     jobs = []
@@ -196,6 +257,13 @@ def main() -> None:
     caps = {}
     for w in args.workloads.split(","):
         reqs = sample_requests(w, args.num_requests, seed=args.seed)
+        if args.prompt_scale > 1:
+            reqs = [
+                dataclasses.replace(
+                    r, prompt_token_ids=(r.prompt_token_ids * args.prompt_scale)[:8192]
+                )
+                for r in reqs
+            ]
         caps[w] = capacity(reqs, cost, opts)
         for load in loads:
             arrivals = poisson_arrivals(
@@ -207,7 +275,7 @@ def main() -> None:
         results = pool.map(simulate, jobs)
     print(
         f"{args.num_requests} requests per run; batch {args.max_num_seqs}, budget {args.budget}, "
-        f"{args.kv_blocks} KV blocks of 16, burstiness {args.burstiness}; wall {time.perf_counter() - started:.0f}s"
+        f"{args.kv_blocks} KV blocks of 16 (host {args.host_kv_blocks}), regime {args.regime}, burstiness {args.burstiness}; wall {time.perf_counter() - started:.0f}s"
     )
     for w, cap in caps.items():
         print(f"capacity {w}: {cap:.2f} req/s")
@@ -223,6 +291,18 @@ def main() -> None:
             f"{r['workload']:<15}{r['load']:>6.2f}{r['variant']:>13}{r['mean']:>12.2f}{r['p99']:>11.2f}"
             f"{mean_ratio:>13.2f}x{p99_ratio:>12.2f}x{r['preemptions']:>9}"
         )
+    if args.json:
+        record = {
+            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+            "regime": args.regime,
+            "options": {**opts, "burstiness": args.burstiness, "prompt_scale": args.prompt_scale},
+            "cost_model": dataclasses.asdict(cost),
+            "capacity_req_s": caps,
+            "runs": [{k: v for k, v in r.items() if k != "finish_times"} for r in results],
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"json: {args.json}")
     if args.plot:
         plot(results, args.workloads.split(","), loads, args.variants.split(","), Path(args.plot))
         print(f"plot: {args.plot}")

@@ -426,7 +426,20 @@ class WorkerService:
             "swap_out_wait_seconds": round(swap.out_wait_s, 6),
             "iterations": self.engine.num_iterations,
             **(s.cache_stats() if hasattr(s, "cache_stats") else {}),
+            **self._prediction_error(),
             **self._prefix_summary(),
+        }
+
+    def _prediction_error(self) -> dict[str, Any]:
+        """alise's output-length prediction error (issue 15); nothing for other policies."""
+        policy = getattr(self.engine.scheduler, "policy", None)
+        error = getattr(policy, "prediction_error", None)
+        if error is None:
+            return {}
+        e = error()
+        return {
+            "predictions_scored": e["count"],
+            "prediction_relative_error": round(e["mean_relative_error"], 6),
         }
 
     def _prefix_summary(self) -> dict[str, Any]:

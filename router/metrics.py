@@ -123,6 +123,14 @@ class RouterMetrics:
             "waiting": ("tandem_worker_waiting_requests", "Waiting requests per worker"),
             "swapped": ("tandem_worker_swapped_requests", "Requests swapped to host per worker"),
             "preemptions": ("tandem_worker_preemptions_total", "Preemptions per worker"),
+            "predictions_scored": (
+                "tandem_worker_predictions_scored_total",
+                "Finished requests whose arrival-time output-length prediction was scored (alise)",
+            ),
+            "prediction_relative_error": (
+                "tandem_worker_prediction_relative_error",
+                "Mean |predicted - true| / true output length over scored requests (alise)",
+            ),
             "swapped_out_blocks": (
                 "tandem_worker_swapped_out_blocks_total",
                 "Blocks swapped out per worker",

@@ -3,10 +3,20 @@
     remaining(r) = prefill_time(uncomputed prompt tokens)
                  + max(predicted_output - generated, 1) · decode_step_time
 
-``predicted_output`` comes from ``OutputLengthPredictor`` (kNN over the prompt, learned
-online from finished requests). A request that outlives its prediction has the
-prediction multiplied by ``growth`` (default 2) until it exceeds what it has generated:
-a misprediction costs a bounded number of re-rankings instead of starving it. Requests
+This is SRPT on a predicted remaining time. The prediction is an empirical distribution:
+the output lengths of the ``k`` most similar finished requests (``OutputLengthPredictor``,
+kNN over the prompt, learned online). It is corrected as tokens are generated: with ``g``
+tokens out, ``predicted_output`` is the ``quantile`` (default: the median) of the
+neighbours' lengths *that exceed g* — the predicted distribution conditioned on the
+request having lasted this long — so a request that outlives its short neighbours moves
+on to its long ones instead of keeping a stale estimate. When no neighbour is longer than
+``g`` (or before the predictor has history: the prior), the prediction is multiplied by
+``growth`` (default 2) until it exceeds ``g``: a misprediction costs a bounded number of
+re-rankings instead of starving it.
+
+Prediction error: at finish, ``|initial prediction - true length| / true length`` of each
+request that ran to completion is accumulated; ``prediction_error()`` returns the count,
+mean relative error and mean signed log2 error (positive = over-predicted). Requests
 not served for ``starvation_limit`` seconds jump ahead of all non-starved ones (the same
 guard as mlfq). ``sort_key = (priority class, not starved, remaining, arrival order)``.
 """
@@ -14,9 +24,12 @@ guard as mlfq). ``sort_key = (priority class, not starved, remaining, arrival or
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from tandem.request import Request
 from tandem.sched.cost_model import CostModel
@@ -30,6 +43,8 @@ class _AliseState:
     order: int
     last_served: float
     starved: bool = False
+    initial: float = 0.0
+    neighbours: Any = None  # sorted np.ndarray of neighbour lengths, or None (prior only)
 
 
 class ALISEPolicy(SchedulingPolicy):
@@ -41,10 +56,15 @@ class ALISEPolicy(SchedulingPolicy):
         predictor: OutputLengthPredictor | None = None,
         starvation_limit: float = 60.0,
         growth: float = 2.0,
+        quantile: float = 0.5,
         **_: Any,
     ) -> None:
-        if starvation_limit <= 0 or growth <= 1.0:
-            raise ValueError("alise needs starvation_limit > 0 and growth > 1")
+        if starvation_limit <= 0 or growth <= 1.0 or not 0.0 <= quantile <= 1.0:
+            raise ValueError("alise needs starvation_limit > 0, growth > 1, quantile in [0, 1]")
+        self.quantile = quantile
+        self.error_count = 0
+        self.error_rel_sum = 0.0
+        self.error_log2_sum = 0.0
         self.cost = cost_model or CostModel()
         self.predictor = predictor or OutputLengthPredictor()
         self.starvation_limit = starvation_limit
@@ -55,8 +75,23 @@ class ALISEPolicy(SchedulingPolicy):
 
     def on_arrival(self, request: Request, now: float) -> None:
         if request.request_id not in self._state:
-            predicted = self.predictor.predict(request.prompt_token_ids)
-            self._state[request.request_id] = _AliseState(predicted, next(self._order), now)
+            neighbours = self.predictor.neighbour_lengths(request.prompt_token_ids)
+            st = _AliseState(self.predictor.mean, next(self._order), now, neighbours=neighbours)
+            self._correct(st, request.num_output_tokens)
+            st.initial = st.predicted
+            self._state[request.request_id] = st
+
+    def _correct(self, st: _AliseState, generated: int) -> None:
+        """Condition the prediction on ``generated`` tokens so far (see module docstring)."""
+        if st.neighbours is not None:
+            longer = st.neighbours[st.neighbours > generated]
+            if len(longer):
+                st.predicted = max(float(np.quantile(longer, self.quantile)), 1.0)
+                return
+            st.neighbours = None  # outlived every neighbour: fall back to growth
+            st.predicted = max(st.predicted, float(generated), 1.0)
+        while generated >= st.predicted:
+            st.predicted *= self.growth
 
     def remaining_time(self, request: Request) -> float:
         st = self._state.get(request.request_id)
@@ -87,13 +122,25 @@ class ALISEPolicy(SchedulingPolicy):
             return
         st.last_served = now
         st.starved = False
-        while request.num_output_tokens >= st.predicted:
-            st.predicted *= self.growth
+        self._correct(st, request.num_output_tokens)
 
     def on_finish(self, request: Request) -> None:
         st = self._state.pop(request.request_id, None)
         if st is not None and request.status.value in ("stop", "length"):
+            actual = max(request.num_output_tokens, 1)
+            self.error_count += 1
+            self.error_rel_sum += abs(st.initial - actual) / actual
+            self.error_log2_sum += math.log2(max(st.initial, 1.0) / actual)
             self.predictor.observe(request.prompt_token_ids, request.num_output_tokens)
+
+    def prediction_error(self) -> dict[str, float]:
+        """Error of the arrival-time prediction over finished requests (see module doc)."""
+        n = self.error_count
+        return {
+            "count": n,
+            "mean_relative_error": self.error_rel_sum / n if n else 0.0,
+            "mean_log2_error": self.error_log2_sum / n if n else 0.0,
+        }
 
     def describe(self, request: Request) -> dict[str, Any]:
         st = self._state.get(request.request_id)

@@ -4,16 +4,29 @@ Queue i has quantum ``q0 · 2^i`` seconds of service. Rules:
 
 - **Skip-join.** A new request joins the highest-priority queue whose quantum is at least
   its estimated prefill time (cost model, for its input length less the prefix the cache
-  already holds of it), skipping the queues above it. With ``skip_join=False`` every request joins queue 0 (classic MLFQ).
-- **FIFO inside a queue**: by the order the request entered the queue.
+  already holds of it), skipping the queues above it. With ``skip_join=False`` every
+  request joins queue 0 (classic MLFQ).
+- **Order inside a queue** (``order``):
+  - ``"arrival"`` (default): FCFS by arrival inside a queue; the queue is given by the
+    service the request attained. A request keeps its arrival rank when it is demoted,
+    so in a burst the oldest requests of a level run first and finish, instead of every
+    request of the level taking turns (least-attained-service with FIFO re-entry behaves
+    like processor sharing in a burst: everyone finishes late; issue 15).
+  - ``"fastserve"``: FIFO by the order the request *entered* the queue, a demoted request
+    at the front of its new queue (FastServe's rule; the behaviour before issue 15).
 - **Demotion.** A request whose service in its current queue reaches that queue's quantum
-  moves down one queue and goes to the *front* of it (it was just running; this keeps
-  its KV hot and bounds its extra wait).
-- **Starvation.** A request not served for ``starvation_limit`` seconds is promoted to
-  queue 0 (back of it), its service counter reset.
+  moves down one queue.
+- **Starvation (bounded wait).** A request not served for ``starvation_limit`` seconds is
+  promoted to queue 0, its service counter reset; with ``order="arrival"`` it ranks there
+  by arrival, so it is behind only older requests of queue 0 and runs within a bounded
+  time. Promotion never crosses a priority class.
+
+Quanta come from the cost model: ``q0`` (when not given) is four decode steps at batch 1,
+512-token context; queue i's quantum is ``q0 · 2^i``.
 
 Demotion is the only downward move and starvation promotion the only upward one.
-``sort_key = (priority class, queue, position)``.
+``sort_key = (priority class, queue, rank)``; the ``priority`` class is strict: no state
+of a request of a worse class ranks it ahead of a request of a better class.
 """
 
 from __future__ import annotations
@@ -27,6 +40,8 @@ from tandem.request import Request
 from tandem.sched.cost_model import CostModel
 from tandem.sched.policy import SchedulingPolicy
 
+ORDERS = ("arrival", "fastserve")
+
 
 @dataclass
 class _MLFQState:
@@ -34,6 +49,7 @@ class _MLFQState:
     position: int  # FIFO order inside the level; negative = inserted at the front
     service: float = 0.0  # seconds of service received in the current level
     last_served: float = 0.0
+    arrival_rank: int = 0  # FCFS rank (order="arrival")
 
 
 class MLFQPolicy(SchedulingPolicy):
@@ -46,6 +62,8 @@ class MLFQPolicy(SchedulingPolicy):
         num_levels: int = 8,
         starvation_limit: float = 60.0,
         skip_join: bool = True,
+        order: str = "arrival",
+        **_: object,
     ) -> None:
         self.cost = cost_model or CostModel()
         # Default q0: about four decode steps at batch 1 (512-token context) — short answers
@@ -54,6 +72,9 @@ class MLFQPolicy(SchedulingPolicy):
         self.q0 = q0 if q0 is not None else max(4 * self.cost.decode_time(1, 512), 1e-3)
         if self.q0 <= 0 or num_levels < 1 or starvation_limit <= 0:
             raise ValueError("mlfq needs q0 > 0, num_levels >= 1 and starvation_limit > 0")
+        if order not in ORDERS:
+            raise ValueError(f"mlfq order must be one of {ORDERS}, got {order!r}")
+        self.order = order
         self.num_levels = num_levels
         self.starvation_limit = starvation_limit
         self.skip_join = skip_join
@@ -85,7 +106,8 @@ class MLFQPolicy(SchedulingPolicy):
             return
         # Skip-join on the prefill it needs: a cached prefix is not recomputed.
         level = self.join_level(max(request.num_prompt_tokens - request.num_cached_tokens, 1))
-        self._state[request.request_id] = _MLFQState(level, next(self._back), 0.0, now)
+        rank = next(self._back)
+        self._state[request.request_id] = _MLFQState(level, rank, 0.0, now, rank)
 
     def before_schedule(self, requests: Iterable[Request], now: float) -> None:
         for req in requests:
@@ -98,6 +120,8 @@ class MLFQPolicy(SchedulingPolicy):
         st = self._state.get(request.request_id)
         if st is None:
             return (request.priority, self.num_levels, 0)
+        if self.order == "arrival":
+            return (request.priority, st.level, st.arrival_rank)
         return (request.priority, st.level, st.position)
 
     def on_service(self, request: Request, num_tokens: int, seconds: float, now: float) -> None:

@@ -82,6 +82,25 @@ class OutputLengthPredictor:
         nearest = np.argpartition(-sim, k - 1)[:k]
         return float(max(1.0, np.median(self._lengths[nearest])))
 
+    @property
+    def mean(self) -> float:
+        """Running mean of observed output lengths (the prior before any)."""
+        return self._mean
+
+    def neighbour_lengths(self, prompt_token_ids: Sequence[int]) -> np.ndarray | None:
+        """Output lengths of the ``k`` most similar finished requests, sorted ascending: an
+        empirical predicted distribution (``predict`` is its median). ``None`` before
+        ``min_history`` observations (only the prior is known)."""
+        n = min(self._count, self.capacity)
+        if n < self.min_history:
+            return None
+        x = self.featurize(prompt_token_ids)
+        feats = self._features[:n]
+        sim = feats[:, : self.dim] @ x[: self.dim] - np.abs(feats[:, self.dim] - x[self.dim])
+        k = min(self.k, n)
+        nearest = np.argpartition(-sim, k - 1)[:k]
+        return np.sort(self._lengths[nearest])
+
     def observe(self, prompt_token_ids: Sequence[int], output_len: int) -> None:
         i = self._count % self.capacity
         self._features[i] = self.featurize(prompt_token_ids)

@@ -62,3 +62,23 @@ def test_step_profile_smoke(tmp_path):
     assert classes["eager + prefill"]["prefill_tokens_mean"] > 0
     assert sum(c["steps"] for c in classes.values()) == steps["steps"] >= 4
     assert steps["gpu_busy_s"] is None and "| step class |" in proc.stdout
+def test_gpu_jct_bench_smoke(tmp_path):
+    """bench/gpu_jct.py on the CPU with the bundled tiny model: capacity run, two policies,
+    one setting; a given cost model skips the profiling step."""
+    from tandem.sched.cost_model import CostModel
+
+    cost = tmp_path / "cost.json"
+    CostModel().save(cost)
+    out = tmp_path / "jct.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_jct.py", "--device", "cpu", "--policies", "fcfs,alise",
+         "--settings", "bursty@1.1", "--num-requests", "6", "--capacity-requests", "6",
+         "--max-input-len", "32", "--max-output-len", "8", "--cost-model", str(cost),
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())["results"]["bursty@1.1"]
+    assert result["fcfs"]["completed"] == result["alise"]["completed"] == 6
+    assert result["alise"]["errors"] == 0 and result["alise"]["mean_ratio_vs_fcfs"] > 0
+    assert "fcfs ÷ policy" in proc.stdout

@@ -42,3 +42,11 @@ def test_every_worker_stat_key_has_a_metric():
 
     keys = set(Scheduler(SchedulerConfig(), CacheConfig(num_host_blocks=4)).cache_stats())
     assert keys - set(PREFIX_CACHE_GAUGES) == {"prefix_caching"}  # a flag, not a metric
+
+
+def test_alise_prediction_error_is_exported():
+    text = RouterMetrics().render(
+        {"w0": {"up": 1, "predictions_scored": 3, "prediction_relative_error": 0.25}}
+    )
+    assert 'tandem_worker_predictions_scored_total{worker="w0"} 3' in text
+    assert 'tandem_worker_prediction_relative_error{worker="w0"} 0.25' in text

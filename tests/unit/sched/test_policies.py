@@ -42,7 +42,7 @@ def test_skip_join_picks_first_queue_whose_quantum_covers_prefill():
 
 
 def test_mlfq_fifo_within_queue_and_demotion_to_front():
-    p = MLFQPolicy(COST, q0=0.1, num_levels=4, starvation_limit=100)
+    p = MLFQPolicy(COST, q0=0.1, num_levels=4, starvation_limit=100, order="fastserve")
     a, b, c = req("a"), req("b"), req("c")
     for r in (a, b, c):
         p.on_arrival(r, 0.0)
