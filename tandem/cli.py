@@ -106,9 +106,9 @@ def _add_engine_args(p: argparse.ArgumentParser, profiling: bool = False) -> Non
     serving("--no-chunked-prefill", action="store_true", help="prefill whole prompts only")
     serving(
         "--policy",
-        default="alise",
+        default="mlfq",
         choices=["fcfs", "mlfq", "alise"],
-        help="scheduling policy (default: alise; bench/RESULTS.md, issue 15)",
+        help="scheduling policy (default: mlfq)",
     )
     serving(
         "--max-model-len",

@@ -70,7 +70,7 @@ def test_a_killed_worker_is_restarted_and_its_stale_gauges_dropped(tiny_llama_di
         out = (tmp_path / "serve.out").read_text()
         # The start-up summary, not the worker's internal handshake, is what users see.
         assert f"tandem serve: '{tiny_llama_dir.name}' at http://127.0.0.1:{port}" in out
-        for text in ("vocab 2048, max_model_len 4096", "policy alise", "256 seqs and 2048 tokens",
+        for text in ("vocab 2048, max_model_len 4096", "policy mlfq", "256 seqs and 2048 tokens",
                      "colocated", f"pid {old}", "cpu float32",
                      "KV 256 blocks x 16 tokens = 4096 tokens", "4096 requests in flight",
                      "one that dies is restarted with backoff", "access log stdout"):  # fmt: skip

@@ -53,7 +53,7 @@ def test_worker_prints_a_summary_and_deregisters_on_sigterm(tiny_llama_dir):
             )
             address = handshake.split()[1]
             for text in (f"listening on {address}", f"{tiny_llama_dir} (vocab 2048",
-                         "KV 64 blocks x 16 tokens = 1024 tokens", "policy alise",
+                         "KV 64 blocks x 16 tokens = 1024 tokens", "policy mlfq",
                          f"registered in {url} as decode-lifecycle (TTL 60 s)"):  # fmt: skip
                 assert text in summary, (text, summary)
             assert client.exists(key)
