@@ -67,7 +67,7 @@ def test_profile_cost_model_lists_only_flags_that_change_a_profile():
     args = build_parser().parse_args(["profile-cost-model", "out.json"])
     # The serving-only settings keep their defaults, so the engine config still builds.
     assert (args.policy, args.cost_model, args.host_kv_blocks, args.swap_int8) == (
-        "alise", None, 0, False,
+        "mlfq", None, 0, False,
     )  # fmt: skip
     with pytest.raises(SystemExit):
         build_parser().parse_args(["profile-cost-model", "out.json", "--policy", "fcfs"])
