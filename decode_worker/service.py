@@ -366,8 +366,10 @@ class WorkerService:
                 # ``offset``: output position of these tokens; a request's tokens may
                 # reach the router on two sockets (prefill, then decode), which reorders them.
                 offset = len(out.token_ids) - len(out.new_token_ids)
+                cached = out.num_cached_tokens if offset == 0 and out.new_token_ids else None
                 item = TokenItem(
-                    out.request_id, out.new_token_ids, out.finish_reason, None, lp, offset
+                    out.request_id, out.new_token_ids, out.finish_reason, None, lp, offset,
+                    None, cached,
                 )
                 if conn is None:
                     self.on_unowned(out.request_id, item)

@@ -84,6 +84,7 @@ class _Choice:
     finish: str | None = None
     n_out: int = 0
     first_at: float | None = None
+    cached_tokens: int = 0  # of the prompt, from the prefix cache (the first token's item)
 
 
 @dataclass(frozen=True)
@@ -442,7 +443,9 @@ class Router:
             choices = await asyncio.gather(*tasks)
             completion = sum(c.n_out for c in choices)
             usage = {"prompt_tokens": len(p.prompt_token_ids), "completion_tokens": completion,
-                     "total_tokens": len(p.prompt_token_ids) + completion}  # fmt: skip
+                     "total_tokens": len(p.prompt_token_ids) + completion,
+                     # OpenAI's field; choice 0 ran the prompt first, later ones reuse it.
+                     "prompt_tokens_details": {"cached_tokens": choices[0].cached_tokens}}  # fmt: skip
             if response is not None:
                 if p.include_usage:
                     await _sse(response, {"id": rid, "object": obj, "created": created,
@@ -522,6 +525,8 @@ class Router:
                 if error is not None:
                     kind = item.error_kind or protocol.ErrorKind.ENGINE
                     raise ApiError(kind.http_status, error)
+                if item.cached_tokens is not None:
+                    c.cached_tokens = item.cached_tokens
                 out_ids.extend(new_ids)
                 flight.n_out = len(out_ids)
                 if new_ids and c.first_at is None:

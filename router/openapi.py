@@ -20,7 +20,15 @@ from typing import Any
 
 from aiohttp import web
 
-from router.openai_api import _ROLES, INT64_MAX, INT64_MIN, MAX_LOGPROBS, MAX_STOP
+from router.openai_api import (
+    _ROLES,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP,
+)
 
 _INT64 = {"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX}
 
@@ -41,7 +49,14 @@ def _sampling(max_tokens: int | None) -> dict[str, Any]:
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "top_k": {**_INT64, "description": "-1 or 0: off"},
         "min_p": {"type": "number", "minimum": 0, "maximum": 1},
-        "n": {"type": "integer", "const": 1},
+        "n": {"type": "integer", "minimum": 1, "maximum": MAX_N},
+        "logit_bias": {
+            "type": "object",
+            "maxProperties": MAX_LOGIT_BIAS,
+            "propertyNames": {"pattern": "^[0-9]+$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            "description": "token id (inside the vocabulary) -> bias added to its logit",
+        },
         "stop": {
             "oneOf": [
                 {"type": "string", "minLength": 1},
@@ -65,6 +80,9 @@ def _sampling(max_tokens: int | None) -> dict[str, Any]:
             "description": "token ids, each inside the vocabulary",
         },
         "user": {"type": "string"},
+        "metadata": {"description": "accepted and ignored"},
+        "store": {"description": "accepted and ignored"},
+        "service_tier": {"description": "accepted and ignored"},
     }
 
 
@@ -95,15 +113,19 @@ def schemas(served: str, max_tokens: int | None = None) -> dict[str, Any]:
     }
     message = {
         "type": "object",
-        "required": ["role", "content"],
+        "required": ["role"],
         "properties": {
             "role": {"enum": list(_ROLES)},
             "content": {
                 "oneOf": [
                     {"type": "string"},
                     {"type": "array", "minItems": 1, "items": text_part},
+                    {"type": "null", "description": "an assistant message with tool_calls"},
                 ]
             },
+            "tool_calls": {"type": "array", "description": "assistant: the calls it made"},
+            "tool_call_id": {"type": "string", "description": "tool: the call answered"},
+            "name": {"type": "string"},
         },
     }
     completion = {
@@ -120,7 +142,7 @@ def schemas(served: str, max_tokens: int | None = None) -> dict[str, Any]:
                 "description": "one prompt: text or token ids (a batch of one is accepted)",
             },
             "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
-            "echo": {"const": False},
+            "echo": {"type": "boolean", "description": "not with logprobs"},
             "best_of": {"const": 1},
         },
     }
@@ -132,7 +154,29 @@ def schemas(served: str, max_tokens: int | None = None) -> dict[str, Any]:
             "messages": {"type": "array", "minItems": 1, "items": message},
             "logprobs": {"type": "boolean"},
             "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
+            "tools": {"type": "array", "description": "function tools, rendered by the chat "
+                      "template (streaming with tools is refused)"},
+            "tool_choice": {"description": "'auto' or 'none' (forcing a call is refused)"},
+            "parallel_tool_calls": {"type": "boolean"},
         },
+    }
+    tokenize = {
+        "type": "object",
+        "properties": {
+            "model": {"type": "string"},
+            "prompt": {"type": "string"},
+            "messages": {"type": "array", "minItems": 1, "items": message},
+            "tools": {"type": "array"},
+            "add_special_tokens": {"type": "boolean"},
+            "add_generation_prompt": {"type": "boolean"},
+            "return_token_strs": {"type": "boolean"},
+        },
+        "description": "exactly one of prompt or messages",
+    }
+    detokenize = {
+        "type": "object",
+        "required": ["tokens"],
+        "properties": {"model": {"type": "string"}, "tokens": token_ids},
     }
     generate = {
         "type": "object",
@@ -178,6 +222,8 @@ def schemas(served: str, max_tokens: int | None = None) -> dict[str, Any]:
         "CompletionRequest": completion,
         "ChatCompletionRequest": chat,
         "GenerateRequest": generate,
+        "TokenizeRequest": tokenize,
+        "DetokenizeRequest": detokenize,
         "MigrateRequest": migrate,
         "Error": error,
     }
@@ -221,6 +267,14 @@ def document(served: str, max_tokens: int | None = None) -> dict[str, Any]:
         "/v1/chat/completions": {"post": _op("chat completion", "ChatCompletionRequest")},
         "/generate": {"post": _op("native: token ids in, token ids streamed", "GenerateRequest")},
         "/v1/models": {"get": _op("the served model")},
+        "/v1/models/{model_id}": {
+            "parameters": [
+                {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "get": _op("one model's card (404 for another id)"),
+        },
+        "/tokenize": {"post": _op("text or messages -> token ids (as vLLM)", "TokenizeRequest")},
+        "/detokenize": {"post": _op("token ids -> text (as vLLM)", "DetokenizeRequest")},
         "/health": {"get": _op("readiness: 200 when a request can be served", security=open_)},
         "/health/ready": {"get": _op("readiness (as /health)", security=open_)},
         "/health/live": {"get": _op("liveness: the event loop answers", security=open_)},

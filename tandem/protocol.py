@@ -125,6 +125,9 @@ class TokenItem(NamedTuple):
     logprobs: list[Any] | None = None
     offset: int | None = None
     error_kind: ErrorKind | None = None
+    # On the item with the first output token (offset 0), from the worker that ran the
+    # prompt: its prompt tokens served from the prefix cache. None elsewhere.
+    cached_tokens: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -132,7 +135,7 @@ class TokenItem(NamedTuple):
 
     @classmethod
     def failed(cls, request_id: str, kind: ErrorKind, error: str) -> TokenItem:
-        return cls(request_id, [], None, error, None, None, kind)
+        return cls(request_id, [], None, error, None, None, kind, None)
 
     @classmethod
     def lost(cls, request_id: str, why: str) -> TokenItem:
@@ -140,7 +143,7 @@ class TokenItem(NamedTuple):
 
     @classmethod
     def from_wire(cls, row: list[Any]) -> TokenItem:
-        item = cls._make(row)  # TypeError unless 7 fields
+        item = cls._make(row)  # TypeError unless 8 fields
         if item.error_kind is not None:
             item = item._replace(error_kind=ErrorKind(item.error_kind))
         return item
@@ -248,8 +251,8 @@ class Tokens:
         new, item_cls, slow = tuple.__new__, TokenItem, TokenItem.from_wire
         items = []
         for row in d["items"]:
-            item = new(item_cls, row)  # the hot path: 7 fields, no error kind to convert
-            if len(item) != 7 or item[6] is not None:
+            item = new(item_cls, row)  # the hot path: 8 fields, no error kind to convert
+            if len(item) != 8 or item[6] is not None:
                 item = slow(row)  # checks the length, makes the ErrorKind
             items.append(item)
         return cls(tuple(items))

@@ -116,6 +116,7 @@ class OutputProcessor:
             if req.sampling_params.logprobs is not None
             else None,
             num_preemptions=req.num_preemptions,
+            num_cached_tokens=req.num_cached_tokens,
         )
         if finished:
             self._detok.pop(rid, None)

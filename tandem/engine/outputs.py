@@ -26,3 +26,5 @@ class RequestOutput:
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     prompt: str | None = None
     num_preemptions: int = 0
+    # Prompt tokens whose K/V came from the prefix cache (Request.num_cached_tokens).
+    num_cached_tokens: int = 0

@@ -29,6 +29,17 @@ def _generate(url: str, ids: list[int]) -> list[int]:
     return got
 
 
+def _cached_tokens(url: str, ids: list[int]) -> int:
+    """usage.prompt_tokens_details.cached_tokens of a /v1/completions request."""
+    body = {"prompt": ids, "max_tokens": 2, "temperature": 0}
+    req = urllib.request.Request(
+        url + "/v1/completions", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
 def _total(m: dict[str, float], name: str) -> float:
     return sum(v for k, v in m.items() if k.startswith(name + "{"))
 
@@ -58,7 +69,10 @@ def test_a_repeated_prompt_reuses_its_cached_blocks(tiny_llama_dir, caching):
             assert _total(m, "tandem_worker_prefix_cache_hits_total") == 2
             assert _total(m, "tandem_worker_kv_cached_blocks") >= 6
             assert m["tandem_prefix_cache_hit_rate"] == pytest.approx(160 / 273)
+            # The OpenAI usage field reports the hit too: 6 full cached blocks.
+            assert _cached_tokens(url, PROMPT) == 96
         else:
             assert _total(m, "tandem_worker_prefix_cache_hit_tokens_total") == 0
             assert _total(m, "tandem_worker_kv_cached_blocks") == 0
             assert m["tandem_prefix_cache_hit_rate"] == 0.0
+            assert _cached_tokens(url, PROMPT) == 0

@@ -89,8 +89,8 @@ def test_token_items_are_compact_arrays_with_named_fields():
     err = TokenItem.failed("r", ErrorKind.ENGINE, "engine error: boom")
     rows = _body(protocol.encode(Tokens((ok, err))))["items"]
     assert rows == [
-        ["r", [1], None, None, None, 0, None],
-        ["r", [], None, "engine error: boom", None, None, "engine"],
+        ["r", [1], None, None, None, 0, None, None],
+        ["r", [], None, "engine error: boom", None, None, "engine", None],
     ]
     assert not ok.finished and err.finished and TokenItem("r", [], "stop").finished
 
