@@ -40,7 +40,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gpu_http import free_port, wait_healthy
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the repository root, not bench/, on the path
+
+from bench.gpu_http import free_port, wait_healthy  # noqa: E402
 
 SETTINGS = {"poisson@0.9": (0.9, 1.0), "bursty@1.1": (1.1, 0.25)}
 
