@@ -107,28 +107,11 @@ class PrefixCache:
             self.hasher.append(names, req.token_slice(len(names) * bs, full * bs))
         return names
 
-    def peek(self, req: Request) -> int:
-        """Prompt tokens a ``take`` now would start the request with (device and host
-        hits, the same limit), changing nothing: no reference, no LRU touch. 0 with
-        caching off. O(blocks matched) after the request's names are computed once."""
-        if not self.enabled:
-            return 0
+    def _lookup(self, req: Request, loadable: bool) -> tuple[list[int], list[int]]:
+        """(device blocks, host blocks after them) holding the request's longest cached
+        prefix, stopping one token short of its known tokens. ``loadable``: the host run is
+        cut to what free device blocks could receive now (``take``). Takes nothing."""
         bs = self.block_size
-        known = _known(req)
-        names = self.names(req, known)
-        limit = (known - 1) // bs
-        hit = len(self.device.match_prefix(names, limit))
-        if self.hierarchical and hit < limit:
-            assert self.host is not None
-            hit += len(self.host.match_prefix(names[hit:], limit - hit))
-        return hit * bs
-
-    def take(self, req: Request) -> bool:
-        """Start a waiting request's table with its cached prefix (see module doc).
-        False, taking nothing, on a miss or with caching off."""
-        if not self.enabled:
-            return False
-        rid, bs = req.request_id, self.block_size
         known = _known(req)
         names = self.names(req, known)
         limit = (known - 1) // bs
@@ -136,8 +119,28 @@ class PrefixCache:
         found: list[int] = []
         if self.hierarchical and len(hit) < limit:
             assert self.host is not None
-            room = self.device.num_free_blocks - self.device.num_reviving(hit)
-            found = self.host.match_prefix(names[len(hit) :], min(limit - len(hit), room))
+            cap = limit - len(hit)
+            if loadable:
+                cap = min(cap, self.device.num_free_blocks - self.device.num_reviving(hit))
+            found = self.host.match_prefix(names[len(hit) :], cap)
+        return hit, found
+
+    def peek(self, req: Request) -> int:
+        """Prompt tokens a ``take`` now would start the request with (device and host
+        hits, the same limit), changing nothing: no reference, no LRU touch. 0 with
+        caching off. O(blocks matched) after the request's names are computed once."""
+        if not self.enabled:
+            return 0
+        hit, found = self._lookup(req, loadable=False)
+        return (len(hit) + len(found)) * self.block_size
+
+    def take(self, req: Request) -> bool:
+        """Start a waiting request's table with its cached prefix (see module doc).
+        False, taking nothing, on a miss or with caching off."""
+        if not self.enabled:
+            return False
+        rid, bs = req.request_id, self.block_size
+        hit, found = self._lookup(req, loadable=True)
         if not hit and not found:
             return False  # the common miss: nothing taken, nothing to undo
         self.device.adopt_prefix(rid, hit)
